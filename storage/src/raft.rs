@@ -1,0 +1,855 @@
+//! openraft glue: the type config, the raft log on sled with group-commit fsync, the MVCC state
+//! machine adaptor with file snapshots, and an in-process network.
+//!
+//! Durability: `append` stores entries in sled and hands the raft callback to a flusher thread;
+//! the flusher takes every callback queued while it was busy, runs one `Db::flush` (write +
+//! fsync) and completes them all. Raft acknowledges a write only after its callback fired, so an
+//! acknowledged write is on disk, and concurrent writes share fsyncs.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftNetwork,
+    RaftNetworkFactory, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, Vote,
+};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::error::Error;
+use crate::lease::Lessor;
+use crate::mvcc::{self, Command, MetaWrites, Mvcc, Output};
+
+/// Result of applying one log entry, returned to the proposer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult(pub Result<Output, Error>);
+
+openraft::declare_raft_types!(
+    /// Raft types of the k3rs store.
+    pub TypeConfig:
+        D = Command,
+        R = ApplyResult,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = Entry<TypeConfig>,
+        SnapshotData = std::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type NodeId = u64;
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("serializing raft metadata to memory cannot fail")
+}
+
+fn dec<T: for<'a> Deserialize<'a>>(raw: &[u8]) -> Result<T, io::Error> {
+    postcard::from_bytes(raw).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raft log
+
+enum FlushRequest {
+    Append(LogFlushed<TypeConfig>),
+    Stop,
+}
+
+/// The raft log and vote, in sled trees `raft_log` and `raft_meta`.
+#[derive(Clone)]
+pub(crate) struct LogStore {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    flusher: std::sync::mpsc::Sender<FlushRequest>,
+}
+
+const META_VOTE: &[u8] = b"vote";
+const META_PURGED: &[u8] = b"last_purged";
+const META_COMMITTED: &[u8] = b"committed";
+
+impl LogStore {
+    pub fn open(db: &sled::Db) -> Result<(LogStore, std::thread::JoinHandle<()>), sled::Error> {
+        let log = db.open_tree("raft_log")?;
+        let meta = db.open_tree("raft_meta")?;
+        let (tx, rx) = std::sync::mpsc::channel::<FlushRequest>();
+        let fdb = db.clone();
+        let handle = std::thread::Builder::new()
+            .name("k3rs-store-fsync".into())
+            .spawn(move || flusher(fdb, rx))
+            .expect("spawning the fsync thread");
+        Ok((
+            LogStore {
+                db: db.clone(),
+                log,
+                meta,
+                flusher: tx,
+            },
+            handle,
+        ))
+    }
+
+    pub fn stop_flusher(&self) {
+        let _ = self.flusher.send(FlushRequest::Stop);
+    }
+
+    fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> StorageResult<Option<T>> {
+        match self.meta.get(key).map_err(|e| StorageIOError::read(&e))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(dec(&v).map_err(|e| StorageIOError::read(&e))?)),
+        }
+    }
+}
+
+/// Group commit: every request queued while the previous fsync ran shares the next one.
+fn flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<FlushRequest>) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut stop = false;
+        for req in std::iter::once(first).chain(rx.try_iter()) {
+            match req {
+                FlushRequest::Append(cb) => batch.push(cb),
+                FlushRequest::Stop => stop = true,
+            }
+        }
+        if !batch.is_empty() {
+            let res = db.flush();
+            for cb in batch.drain(..) {
+                cb.log_io_completed(match &res {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(io_err(e)),
+                });
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+fn index_key(i: u64) -> [u8; 8] {
+    i.to_be_bytes()
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let lo = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let hi = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range::<[u8; 8], _>((lo, hi)) {
+            let (_, v) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            out.push(dec(&v).map_err(|e| StorageIOError::read_logs(&e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta(META_PURGED)?;
+        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = dec(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.meta
+            .insert(META_VOTE, enc(vote))
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.get_meta(META_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        self.meta
+            .insert(META_COMMITTED, enc(&committed))
+            .map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(META_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&index_key(e.log_id.index)[..], enc(&e));
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        if let Err(std::sync::mpsc::SendError(FlushRequest::Append(cb))) =
+            self.flusher.send(FlushRequest::Append(callback))
+        {
+            cb.log_io_completed(Err(io::Error::other("store is shutting down")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(index_key(log_id.index)..) {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        self.meta
+            .insert(META_PURGED, enc(&log_id))
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=index_key(log_id.index)) {
+            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State machine
+
+/// Name of the tree that holds the active state machine (swapped on snapshot install).
+const CONTROL_ACTIVE: &[u8] = b"active_sm_tree";
+
+pub(crate) fn open_active_tree(db: &sled::Db) -> Result<sled::Tree, sled::Error> {
+    let control = db.open_tree("control")?;
+    let name = match control.get(CONTROL_ACTIVE)? {
+        Some(n) => n.to_vec(),
+        None => {
+            control.insert(CONTROL_ACTIVE, b"sm-0".as_slice())?;
+            b"sm-0".to_vec()
+        }
+    };
+    db.open_tree(name)
+}
+
+#[derive(Clone)]
+pub(crate) struct StateMachine {
+    pub mvcc: Arc<Mvcc>,
+    pub lessor: Arc<Lessor>,
+    db: sled::Db,
+    snapshot_dir: PathBuf,
+    /// Held (shared) by a snapshot being built; compaction and snapshot install take it
+    /// exclusively, so that a build never sees records disappear under it.
+    snapshot_lock: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl StateMachine {
+    pub fn new(mvcc: Arc<Mvcc>, lessor: Arc<Lessor>, db: sled::Db, dir: &Path) -> io::Result<Self> {
+        let snapshot_dir = dir.join("snapshots");
+        std::fs::create_dir_all(&snapshot_dir)?;
+        // Leftovers of interrupted transfers or builds.
+        for e in std::fs::read_dir(&snapshot_dir)? {
+            let e = e?;
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(StateMachine {
+            mvcc,
+            lessor,
+            db,
+            snapshot_dir,
+            snapshot_lock: Arc::new(tokio::sync::RwLock::new(())),
+        })
+    }
+
+    fn current_snapshot_path(&self) -> PathBuf {
+        self.snapshot_dir.join("current.snap")
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
+        let applied = match self
+            .mvcc
+            .meta(mvcc::META_APPLIED)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+        {
+            Some(v) => dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            None => None,
+        };
+        let membership = match self
+            .mvcc
+            .meta(mvcc::META_MEMBERSHIP)
+            .map_err(|e| StorageIOError::read_state_machine(&e))?
+        {
+            Some(v) => dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            let mut meta: MetaWrites = vec![(
+                codec::meta_key(mvcc::META_APPLIED),
+                enc(&Some(log_id)),
+            )];
+            match entry.payload {
+                EntryPayload::Blank => {
+                    self.mvcc
+                        .apply_meta(meta)
+                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                    out.push(ApplyResult(Ok(Output::None)));
+                }
+                EntryPayload::Membership(m) => {
+                    meta.push((
+                        codec::meta_key(mvcc::META_MEMBERSHIP),
+                        enc(&StoredMembership::new(Some(log_id), m)),
+                    ));
+                    self.mvcc
+                        .apply_meta(meta)
+                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                    out.push(ApplyResult(Ok(Output::None)));
+                }
+                EntryPayload::Normal(cmd) => {
+                    let _exclusive = match cmd {
+                        Command::Compact { .. } => Some(self.snapshot_lock.write().await),
+                        _ => None,
+                    };
+                    let res = self
+                        .mvcc
+                        .apply(&cmd, meta)
+                        .map_err(|e| StorageIOError::apply(log_id, &io_err(e.0)))?;
+                    match (&cmd, &res) {
+                        (Command::LeaseGrant { id, ttl_seconds }, Ok(_)) => {
+                            self.lessor.renew(*id, *ttl_seconds)
+                        }
+                        (Command::LeaseRevoke { id }, _) => self.lessor.forget(*id),
+                        _ => {}
+                    }
+                    out.push(ApplyResult(res));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let guard = self.snapshot_lock.clone().read_owned().await;
+        SnapshotBuilder {
+            sm: self.clone(),
+            view: self.mvcc.meta_view(),
+            tree: self.mvcc.tree(),
+            _guard: guard,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<std::fs::File>> {
+        let path = self
+            .snapshot_dir
+            .join(format!("recv-{}.tmp", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        // The open handle keeps the data; the name is not needed any more.
+        let _ = std::fs::remove_file(&path);
+        Ok(Box::new(f))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<std::fs::File>,
+    ) -> StorageResult<()> {
+        let _exclusive = self.snapshot_lock.write().await;
+        let sm = self.clone();
+        let meta2 = meta.clone();
+        tokio::task::spawn_blocking(move || sm.install_blocking(&meta2, *snapshot))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &io_err(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.lessor.promote(&self.mvcc.leases());
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let path = self.current_snapshot_path();
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
+        };
+        let header = read_header(&mut f).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        f.rewind()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(Some(Snapshot {
+            meta: header.meta,
+            snapshot: Box::new(f),
+        }))
+    }
+}
+
+impl StateMachine {
+    fn install_blocking(
+        &self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        mut file: std::fs::File,
+    ) -> io::Result<()> {
+        file.rewind()?;
+        // Verify the whole file before touching the state machine.
+        verify_snapshot(&mut file)?;
+        file.rewind()?;
+        let control = self.db.open_tree("control").map_err(io_err)?;
+        let old_name = control
+            .get(CONTROL_ACTIVE)
+            .map_err(io_err)?
+            .map(|v| v.to_vec())
+            .unwrap_or_else(|| b"sm-0".to_vec());
+        let n: u64 = String::from_utf8_lossy(&old_name)
+            .trim_start_matches("sm-")
+            .parse()
+            .unwrap_or(0);
+        let new_name = format!("sm-{}", n + 1);
+        let _ = self.db.drop_tree(new_name.as_bytes());
+        let tree = self.db.open_tree(new_name.as_bytes()).map_err(io_err)?;
+        let mut reader = BufReader::new(&mut file);
+        let header = read_header(&mut reader)?;
+        let mut batch = sled::Batch::default();
+        let mut n_in_batch = 0;
+        read_entries(&mut reader, |k, v| {
+            batch.insert(k, v);
+            n_in_batch += 1;
+            if n_in_batch >= 1024 {
+                tree.apply_batch(std::mem::take(&mut batch)).map_err(io_err)?;
+                n_in_batch = 0;
+            }
+            Ok(())
+        })?;
+        // The snapshot's own raft position is authoritative.
+        batch.insert(
+            codec::meta_key(mvcc::META_APPLIED),
+            enc(&meta.last_log_id),
+        );
+        batch.insert(
+            codec::meta_key(mvcc::META_MEMBERSHIP),
+            enc(&meta.last_membership),
+        );
+        tree.apply_batch(batch).map_err(io_err)?;
+        self.db.flush().map_err(io_err)?;
+        control
+            .insert(CONTROL_ACTIVE, new_name.as_bytes())
+            .map_err(io_err)?;
+        self.db.flush().map_err(io_err)?;
+        self.mvcc
+            .replace_tree(tree)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let _ = self.db.drop_tree(&old_name);
+        // Keep the installed snapshot as the current one.
+        file.rewind()?;
+        let tmp = self.snapshot_dir.join("install.tmp");
+        {
+            let mut out = std::fs::File::create(&tmp)?;
+            io::copy(&mut file, &mut out)?;
+            out.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.current_snapshot_path())?;
+        sync_dir(&self.snapshot_dir)?;
+        tracing::info!(
+            snapshot = %header.meta.snapshot_id,
+            revision = header.current,
+            "installed snapshot"
+        );
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot file
+//
+// "K3RSSNP1" | u32 header length | header (postcard) | entries | 0xFFFFFFFF | crc32 (all before)
+// entry: u32 key length | key | u32 value length | value
+
+const SNAP_MAGIC: &[u8; 8] = b"K3RSSNP1";
+const SNAP_END: u32 = u32::MAX;
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotHeader {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    current: i64,
+    compact: i64,
+}
+
+struct CrcWriter<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_entry(w: &mut impl Write, k: &[u8], v: &[u8]) -> io::Result<()> {
+    w.write_all(&(k.len() as u32).to_le_bytes())?;
+    w.write_all(k)?;
+    w.write_all(&(v.len() as u32).to_le_bytes())?;
+    w.write_all(v)
+}
+
+fn read_header(r: &mut impl Read) -> io::Result<SnapshotHeader> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != SNAP_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a k3rs snapshot (bad magic)",
+        ));
+    }
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > 64 << 20 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot header too large"));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    dec(&buf)
+}
+
+fn read_entries(
+    r: &mut impl Read,
+    mut f: impl FnMut(Vec<u8>, Vec<u8>) -> io::Result<()>,
+) -> io::Result<()> {
+    loop {
+        let mut len = [0u8; 4];
+        r.read_exact(&mut len)?;
+        let klen = u32::from_le_bytes(len);
+        if klen == SNAP_END {
+            return Ok(());
+        }
+        let mut k = vec![0u8; klen as usize];
+        r.read_exact(&mut k)?;
+        r.read_exact(&mut len)?;
+        let mut v = vec![0u8; u32::from_le_bytes(len) as usize];
+        r.read_exact(&mut v)?;
+        f(k, v)?;
+    }
+}
+
+/// Checks the trailing checksum of a snapshot file.
+fn verify_snapshot(file: &mut std::fs::File) -> io::Result<()> {
+    let len = file.seek(io::SeekFrom::End(0))?;
+    if len < 12 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot truncated"));
+    }
+    file.rewind()?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut r = BufReader::new(&mut *file).take(len - 4);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+    }
+    let mut tail = [0u8; 4];
+    file.seek(io::SeekFrom::End(-4))?;
+    file.read_exact(&mut tail)?;
+    if crc.finalize() != u32::from_le_bytes(tail) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot checksum mismatch",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) struct SnapshotBuilder {
+    sm: StateMachine,
+    view: Result<mvcc::MetaView, sled::Error>,
+    tree: sled::Tree,
+    _guard: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let view = match &self.view {
+            Ok(v) => v,
+            Err(e) => return Err(StorageIOError::read_state_machine(e).into()),
+        };
+        let last_log_id: Option<LogId<NodeId>> = match &view.applied {
+            Some(v) => dec(v).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            None => None,
+        };
+        let membership: StoredMembership<NodeId, BasicNode> = match &view.membership {
+            Some(v) => dec(v).map_err(|e| StorageIOError::read_state_machine(&e))?,
+            None => StoredMembership::default(),
+        };
+        let snapshot_id = match &last_log_id {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, view.current),
+            None => format!("0-0-{}", view.current),
+        };
+        let header = SnapshotHeader {
+            meta: SnapshotMeta {
+                last_log_id,
+                last_membership: membership,
+                snapshot_id,
+            },
+            current: view.current,
+            compact: view.compact,
+        };
+        let leases = view.leases.clone();
+        let tree = self.tree.clone();
+        let sm = self.sm.clone();
+        let header_bytes = enc(&header);
+        let meta = header.meta.clone();
+        let path = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
+            let tmp = sm.snapshot_dir.join("build.tmp");
+            let file = std::fs::File::create(&tmp)?;
+            let mut w = CrcWriter {
+                inner: BufWriter::with_capacity(256 << 10, file),
+                crc: crc32fast::Hasher::new(),
+            };
+            w.write_all(SNAP_MAGIC)?;
+            w.write_all(&(header_bytes.len() as u32).to_le_bytes())?;
+            w.write_all(&header_bytes)?;
+            write_entry(
+                &mut w,
+                &codec::meta_key(mvcc::META_REVISION),
+                &codec::encode_i64(header.current),
+            )?;
+            write_entry(
+                &mut w,
+                &codec::meta_key(mvcc::META_COMPACT),
+                &codec::encode_i64(header.compact),
+            )?;
+            for (id, ttl) in leases {
+                write_entry(&mut w, &codec::lease_key(id), &codec::encode_i64(ttl))?;
+            }
+            let hi = codec::record_key(codec::Rev::new(header.current, u32::MAX));
+            for item in tree.range(&[codec::RECORD_PREFIX][..]..=&hi[..]) {
+                let (k, v) = item.map_err(io_err)?;
+                write_entry(&mut w, &k, &v)?;
+            }
+            w.write_all(&SNAP_END.to_le_bytes())?;
+            let crc = w.crc.clone().finalize();
+            let mut inner = w.inner.into_inner().map_err(|e| e.into_error())?;
+            inner.write_all(&crc.to_le_bytes())?;
+            inner.sync_all()?;
+            let dest = sm.current_snapshot_path();
+            std::fs::rename(&tmp, &dest)?;
+            sync_dir(&sm.snapshot_dir)?;
+            // The state machine is not fsynced on apply; once a snapshot exists the raft log
+            // before it may be purged, so make the state machine durable first.
+            sm.db.flush().map_err(io_err)?;
+            Ok(dest)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, &io_err(e)))?
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let f = std::fs::File::open(&path).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        tracing::debug!(snapshot = %meta.snapshot_id, "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(f),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process network
+
+/// Routes raft messages between stores in one process (single-server clusters, tests). A
+/// network transport between servers plugs in beside it.
+#[derive(Clone, Default)]
+pub struct LocalRouter {
+    nodes: Arc<RwLock<HashMap<NodeId, Raft>>>,
+}
+
+impl std::fmt::Debug for LocalRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<_> = self.nodes.read().keys().copied().collect();
+        f.debug_struct("LocalRouter").field("nodes", &ids).finish()
+    }
+}
+
+impl LocalRouter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn add(&self, id: NodeId, raft: Raft) {
+        self.nodes.write().insert(id, raft);
+    }
+
+    pub(crate) fn remove(&self, id: NodeId) {
+        self.nodes.write().remove(&id);
+    }
+
+    fn get(&self, id: NodeId) -> Result<Raft, Unreachable> {
+        self.nodes.read().get(&id).cloned().ok_or_else(|| {
+            Unreachable::new(&io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("node {id} is not running"),
+            ))
+        })
+    }
+}
+
+pub struct LocalConnection {
+    router: LocalRouter,
+    target: NodeId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for LocalRouter {
+    type Network = LocalConnection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        LocalConnection {
+            router: self.clone(),
+            target,
+        }
+    }
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl RaftNetwork<TypeConfig> for LocalConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let raft = self.router.get(self.target)?;
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        let raft = self.router.get(self.target)?;
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let raft = self.router.get(self.target)?;
+        let mut dest = raft
+            .begin_receiving_snapshot()
+            .await
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let mut src = snapshot.snapshot;
+        let copied = tokio::task::spawn_blocking(move || -> io::Result<std::fs::File> {
+            src.rewind()?;
+            io::copy(&mut *src, &mut *dest)?;
+            dest.flush()?;
+            Ok(*dest)
+        })
+        .await
+        .map_err(|e| StreamingError::Network(NetworkError::new(&io_err(e))))?
+        .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        raft.install_full_snapshot(
+            vote,
+            Snapshot {
+                meta: snapshot.meta,
+                snapshot: Box::new(copied),
+            },
+        )
+        .await
+        .map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}

@@ -1,0 +1,4 @@
+//! Integration tests of the k3rs store, through its public API (one test binary).
+
+mod common;
+mod scripts;

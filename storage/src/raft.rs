@@ -70,8 +70,11 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 // ---------------------------------------------------------------------------------------------
 // Raft log
 
+/// Completion of one append, called with the result of the fsync that covered it.
+type FlushCallback = Box<dyn FnOnce(io::Result<()>) + Send>;
+
 enum FlushRequest {
-    Append(LogFlushed<TypeConfig>),
+    Append(FlushCallback),
     Stop,
 }
 
@@ -96,7 +99,12 @@ impl LogStore {
         let fdb = db.clone();
         let handle = std::thread::Builder::new()
             .name("k3rs-store-fsync".into())
-            .spawn(move || flusher(fdb, rx))
+            .spawn(move || {
+                flusher(
+                    || fdb.flush().map(|_| ()).map_err(io_err),
+                    rx,
+                )
+            })
             .expect("spawning the fsync thread");
         Ok((
             LogStore {
@@ -122,7 +130,8 @@ impl LogStore {
 }
 
 /// Group commit: every request queued while the previous fsync ran shares the next one.
-fn flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<FlushRequest>) {
+/// Callbacks run only after the fsync that covers their append has returned.
+fn flusher(flush: impl Fn() -> io::Result<()>, rx: std::sync::mpsc::Receiver<FlushRequest>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut stop = false;
@@ -133,11 +142,11 @@ fn flusher(db: sled::Db, rx: std::sync::mpsc::Receiver<FlushRequest>) {
             }
         }
         if !batch.is_empty() {
-            let res = db.flush();
+            let res = flush();
             for cb in batch.drain(..) {
-                cb.log_io_completed(match &res {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(io_err(e)),
+                cb(match &res {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                 });
             }
         }
@@ -235,10 +244,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        let cb: FlushCallback = Box::new(move |res| callback.log_io_completed(res));
         if let Err(std::sync::mpsc::SendError(FlushRequest::Append(cb))) =
-            self.flusher.send(FlushRequest::Append(callback))
+            self.flusher.send(FlushRequest::Append(cb))
         {
-            cb.log_io_completed(Err(io::Error::other("store is shutting down")));
+            cb(Err(io::Error::other("store is shutting down")));
         }
         Ok(())
     }
@@ -851,5 +861,58 @@ impl RaftNetwork<TypeConfig> for LocalConnection {
         )
         .await
         .map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+
+    #[test]
+    fn appends_complete_only_after_an_fsync_and_queued_appends_share_one() {
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel::<FlushRequest>();
+        let f = flushes.clone();
+        let gate_rx = parking_lot::Mutex::new(gate_rx);
+        let handle = std::thread::spawn(move || {
+            flusher(
+                || {
+                    // Each fsync waits for the test to release it.
+                    gate_rx.lock().recv().unwrap();
+                    f.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                },
+                rx,
+            )
+        });
+        let (done_tx, done_rx) = mpsc::channel::<(usize, usize)>();
+        let send = |i: usize| {
+            let done_tx = done_tx.clone();
+            let flushes = flushes.clone();
+            tx.send(FlushRequest::Append(Box::new(move |res| {
+                res.unwrap();
+                done_tx.send((i, flushes.load(Ordering::SeqCst))).unwrap();
+            })))
+            .unwrap();
+        };
+        send(0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The first fsync is in progress (blocked); these queue behind it.
+        for i in 1..=10 {
+            send(i);
+        }
+        assert!(done_rx.try_recv().is_err(), "no append completes before its fsync");
+        gate_tx.send(()).unwrap();
+        let (i, seen) = done_rx.recv().unwrap();
+        assert_eq!((i, seen), (0, 1));
+        gate_tx.send(()).unwrap();
+        let rest: Vec<_> = (1..=10).map(|_| done_rx.recv().unwrap()).collect();
+        assert!(rest.iter().all(|&(_, f)| f == 2), "ten queued appends shared the second fsync: {rest:?}");
+        tx.send(FlushRequest::Stop).unwrap();
+        handle.join().unwrap();
+        assert_eq!(flushes.load(Ordering::SeqCst), 2);
     }
 }

@@ -231,7 +231,7 @@ impl Store {
             }),
         };
         if let Err(e) = store.start(&cfg).await {
-            store.shutdown().await;
+            store.clone().shutdown().await;
             return Err(raft_err(e));
         }
         Ok(store)
@@ -247,11 +247,12 @@ impl Store {
             members.insert(id, BasicNode::new(cfg.advertise.clone()));
             raft.initialize(members).await.map_err(|e| e.to_string())?;
         }
-        let sole_voter = {
-            let m = raft.metrics().borrow().clone();
-            let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
-            voters.len() == 1 && voters.contains(&id)
-        };
+        // Read the membership inside the raft core: published metrics may lag behind.
+        let voters: BTreeSet<NodeId> = raft
+            .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
+            .await
+            .map_err(|e| e.to_string())?;
+        let sole_voter = voters.len() == 1 && voters.contains(&id);
         if sole_voter {
             if initialized {
                 // Restart: do not sit out an election timeout, nobody else can win.
@@ -279,8 +280,9 @@ impl Store {
         Ok(())
     }
 
-    /// Stops raft and the background tasks, flushes, and releases the data directory.
-    pub async fn shutdown(&self) {
+    /// Stops raft and the background tasks and flushes. The data directory is released when
+    /// the last clone of this handle (and every watch stream) is dropped.
+    pub async fn shutdown(self) {
         for t in self.inner.tasks.lock().drain(..) {
             t.abort();
         }

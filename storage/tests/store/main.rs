@@ -2,3 +2,8 @@
 
 mod common;
 mod scripts;
+mod cas;
+mod crash;
+mod watch;
+mod errors;
+mod snapshot;

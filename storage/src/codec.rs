@@ -152,7 +152,11 @@ impl Record {
         crate::KeyValue {
             key: self.key.clone(),
             value: self.value.clone(),
-            create_revision: if self.tombstone { 0 } else { self.create_revision },
+            create_revision: if self.tombstone {
+                0
+            } else {
+                self.create_revision
+            },
             mod_revision: self.rev.main,
             version: if self.tombstone { 0 } else { self.version },
             lease: if self.tombstone { 0 } else { self.lease },
@@ -204,7 +208,8 @@ pub(crate) fn encode_i64(v: i64) -> [u8; 8] {
 
 pub(crate) fn decode_i64(raw: &[u8]) -> Result<i64, String> {
     Ok(i64::from_be_bytes(
-        raw.try_into().map_err(|_| "bad integer length".to_string())?,
+        raw.try_into()
+            .map_err(|_| "bad integer length".to_string())?,
     ))
 }
 

@@ -38,7 +38,9 @@ pub enum OpenError {
 /// returns the same one for the same request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Error {
-    #[error("required revision {requested} has been compacted (compacted up to {compact_revision})")]
+    #[error(
+        "required revision {requested} has been compacted (compacted up to {compact_revision})"
+    )]
     Compacted {
         requested: Revision,
         compact_revision: Revision,

@@ -50,7 +50,8 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn advance(&self, by: Duration) {
-        self.millis.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+        self.millis
+            .fetch_add(by.as_millis() as u64, Ordering::SeqCst);
     }
 }
 
@@ -92,7 +93,10 @@ impl Lessor {
         let mut d = self.deadlines.lock();
         d.clear();
         for &(id, ttl) in leases {
-            d.insert(id, now.saturating_add((ttl.max(0) as u64).saturating_mul(1000)));
+            d.insert(
+                id,
+                now.saturating_add((ttl.max(0) as u64).saturating_mul(1000)),
+            );
         }
     }
 

@@ -30,9 +30,19 @@ pub enum Command {
     Put(PutRequest),
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
-    LeaseGrant { id: LeaseId, ttl_seconds: i64 },
-    LeaseRevoke { id: LeaseId },
-    Compact { revision: Revision },
+    LeaseGrant {
+        id: LeaseId,
+        ttl_seconds: i64,
+    },
+    LeaseRevoke {
+        id: LeaseId,
+    },
+    Compact {
+        revision: Revision,
+    },
+    /// Commands batched into one log entry (group commit), applied in order, each with its own
+    /// revision and result.
+    Batch(Vec<Command>),
 }
 
 /// The result of applying a [`Command`].
@@ -44,16 +54,26 @@ pub enum Output {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     Compact(CompactResponse),
+    /// Results of a [`Command::Batch`], in order.
+    Batch(Vec<Result<Output, Error>>),
     /// Raft-internal entries (blank, membership) have no output.
     None,
 }
 
-/// Meta values written atomically with the effects of a command.
-pub(crate) type MetaWrites = Vec<(Vec<u8>, Vec<u8>)>;
+/// The commit point of the state machine, written once after each applied group of raft
+/// entries (see the crash-consistency note on [`Mvcc`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CommitRecord {
+    /// The raft layer's encoding of the last applied log id.
+    pub applied: Option<Vec<u8>>,
+    pub revision: Revision,
+    pub compact: Revision,
+    /// Leases revoked since the previous commit point; their keys are removed after this
+    /// record is written (and again at load, if a crash came in between).
+    pub removed_leases: Vec<LeaseId>,
+}
 
-pub(crate) const META_REVISION: &str = "revision";
-pub(crate) const META_COMPACT: &str = "compact";
-pub(crate) const META_APPLIED: &str = "applied";
+pub(crate) const META_COMMIT: &str = "commit";
 pub(crate) const META_MEMBERSHIP: &str = "membership";
 
 #[derive(Default)]
@@ -98,7 +118,16 @@ struct State {
     leases: HashMap<LeaseId, LeaseState>,
     current: Revision,
     compact: Revision,
+    /// Leases revoked since the last commit point (their keys are still in the tree).
+    removed_leases: Vec<LeaseId>,
+    /// Raft position of the last applied entry, and entries applied since the commit point.
+    last_applied: Option<Vec<u8>>,
+    uncommitted_entries: u32,
 }
+
+/// Write a commit point after this many applied entries (and at snapshots and shutdown): a
+/// crash replays at most this many entries.
+const COMMIT_EVERY: u32 = 64;
 
 /// Raft meta captured with a consistent view of the state machine.
 pub(crate) struct MetaView {
@@ -109,6 +138,12 @@ pub(crate) struct MetaView {
     pub leases: Vec<(LeaseId, i64)>,
 }
 
+/// Crash consistency: a command's effects are plain sled inserts and removes (sled's atomic
+/// batches force a synchronous write per batch), and a [`CommitRecord`] written after each
+/// applied group of raft entries is the commit point. Effects past the commit point that a crash
+/// left behind are undone at load (records newer than the committed revision are dropped) or are
+/// idempotent (lease grants; compaction removes records oldest first), and raft replays the
+/// entries after `applied`, which, the state machine being deterministic, redoes them exactly.
 pub(crate) struct Mvcc {
     tree: RwLock<sled::Tree>,
     state: RwLock<State>,
@@ -158,16 +193,38 @@ impl Mvcc {
         })
     }
 
+    fn read_commit(tree: &sled::Tree) -> Result<CommitRecord, String> {
+        match tree
+            .get(codec::meta_key(META_COMMIT))
+            .map_err(|e| e.to_string())?
+        {
+            Some(v) => postcard::from_bytes(&v).map_err(|e| format!("bad commit record: {e}")),
+            None => Ok(CommitRecord {
+                revision: 1,
+                ..CommitRecord::default()
+            }),
+        }
+    }
+
     fn load_state(tree: &sled::Tree) -> Result<State, String> {
+        let commit = Self::read_commit(tree)?;
         let mut st = State {
-            current: 1,
+            current: commit.revision,
+            compact: commit.compact,
             ..State::default()
         };
-        if let Some(v) = tree.get(codec::meta_key(META_REVISION)).map_err(|e| e.to_string())? {
-            st.current = codec::decode_i64(&v)?;
+        // Finish what the last commit point left to do, and undo what came after it.
+        for id in &commit.removed_leases {
+            tree.remove(codec::lease_key(*id))
+                .map_err(|e| e.to_string())?;
         }
-        if let Some(v) = tree.get(codec::meta_key(META_COMPACT)).map_err(|e| e.to_string())? {
-            st.compact = codec::decode_i64(&v)?;
+        let after = codec::record_key(Rev::new(commit.revision + 1, 0));
+        let mut uncommitted = Vec::new();
+        for item in tree.range(after..codec::record_key(Rev::new(i64::MAX, u32::MAX))) {
+            uncommitted.push(item.map_err(|e| e.to_string())?.0);
+        }
+        for k in uncommitted {
+            tree.remove(k).map_err(|e| e.to_string())?;
         }
         for item in tree.scan_prefix([codec::LEASE_PREFIX]) {
             let (k, v) = item.map_err(|e| e.to_string())?;
@@ -183,12 +240,6 @@ impl Mvcc {
         for item in tree.scan_prefix([codec::RECORD_PREFIX]) {
             let (k, v) = item.map_err(|e| e.to_string())?;
             let rev = codec::parse_record_key(&k).ok_or("bad record key")?;
-            if rev.main > st.current {
-                return Err(format!(
-                    "record at revision {} is newer than the store revision {}",
-                    rev.main, st.current
-                ));
-            }
             let rec = Record::decode(rev, &v)?;
             let h = st.index.entry(rec.key.clone()).or_default();
             if h.lease != 0 && h.latest_live().is_some() {
@@ -256,9 +307,9 @@ impl Mvcc {
     fn read_record(&self, tree: &sled::Tree, rev: Rev) -> Result<Option<Record>, Error> {
         match tree.get(codec::record_key(rev)).map_err(sled_err)? {
             None => Ok(None),
-            Some(raw) => Record::decode(rev, &raw)
-                .map(Some)
-                .map_err(|e| Error::Internal(format!("corrupt store {}: {e}", self.path.display()))),
+            Some(raw) => Record::decode(rev, &raw).map(Some).map_err(|e| {
+                Error::Internal(format!("corrupt store {}: {e}", self.path.display()))
+            }),
         }
     }
 
@@ -352,7 +403,9 @@ impl Mvcc {
 
     /// Captures a consistent view for a snapshot. Call only where no apply runs concurrently.
     pub(crate) fn meta_view(&self) -> Result<MetaView, sled::Error> {
-        let applied = self.meta(META_APPLIED)?;
+        let applied = Self::read_commit(&self.tree())
+            .map_err(sled::Error::Unsupported)?
+            .applied;
         let membership = self.meta(META_MEMBERSHIP)?;
         let st = self.state.read();
         let mut leases: Vec<_> = st.leases.iter().map(|(id, l)| (*id, l.ttl)).collect();
@@ -376,33 +429,74 @@ impl Mvcc {
         Ok(())
     }
 
-    /// Writes raft meta without a command (blank and membership entries).
-    pub fn apply_meta(&self, meta: MetaWrites) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in meta {
-            batch.insert(k, v);
+    /// The raft position recorded at the last commit point.
+    pub fn applied(&self) -> Result<Option<Vec<u8>>, String> {
+        Ok(Self::read_commit(&self.tree())?.applied)
+    }
+
+    pub fn set_membership(&self, membership: Vec<u8>) -> Result<(), Fatal> {
+        self.tree()
+            .insert(codec::meta_key(META_MEMBERSHIP), membership)?;
+        Ok(())
+    }
+
+    /// Records that everything up to raft position `applied` is applied, writing a commit
+    /// point every [`COMMIT_EVERY`] entries.
+    pub fn applied_up_to(&self, applied: Vec<u8>, entries: u32) -> Result<(), Fatal> {
+        let due = {
+            let mut st = self.state.write();
+            st.last_applied = Some(applied);
+            st.uncommitted_entries += entries;
+            st.uncommitted_entries >= COMMIT_EVERY
+        };
+        if due {
+            self.commit_point()?;
         }
-        self.tree().apply_batch(batch)
+        Ok(())
+    }
+
+    /// Writes the commit point: everything applied so far.
+    pub fn commit_point(&self) -> Result<(), Fatal> {
+        let tree = self.tree();
+        let (record, removed) = {
+            let mut st = self.state.write();
+            if st.last_applied.is_none() {
+                return Ok(());
+            }
+            st.uncommitted_entries = 0;
+            let removed = std::mem::take(&mut st.removed_leases);
+            (
+                CommitRecord {
+                    applied: st.last_applied.clone(),
+                    revision: st.current,
+                    compact: st.compact,
+                    removed_leases: removed.clone(),
+                },
+                removed,
+            )
+        };
+        let raw = postcard::to_stdvec(&record).map_err(|e| Fatal(e.to_string()))?;
+        tree.insert(codec::meta_key(META_COMMIT), raw)?;
+        for id in removed {
+            tree.remove(codec::lease_key(id))?;
+        }
+        Ok(())
     }
 
     /// Applies one command. The outer error is a storage failure (fatal for the replica); the
     /// inner one is the command's deterministic result.
-    pub fn apply(
-        &self,
-        cmd: &Command,
-        meta: MetaWrites,
-    ) -> Result<Result<Output, Error>, Fatal> {
+    pub fn apply(&self, cmd: &Command) -> Result<Result<Output, Error>, Fatal> {
         match cmd {
-            Command::Compact { revision } => self.apply_compact(*revision, meta),
-            Command::LeaseGrant { id, ttl_seconds } => self.apply_lease_grant(*id, *ttl_seconds, meta),
-            Command::LeaseRevoke { id } => self.apply_lease_revoke(*id, meta),
+            Command::Compact { revision } => self.apply_compact(*revision),
+            Command::LeaseGrant { id, ttl_seconds } => self.apply_lease_grant(*id, *ttl_seconds),
+            Command::LeaseRevoke { id } => self.apply_lease_revoke(*id),
             Command::Put(p) => {
                 let txn = TxnRequest {
                     compare: vec![],
                     success: vec![TxnOp::Put(p.clone())],
                     failure: vec![],
                 };
-                Ok(self.apply_txn(&txn, meta)?.map(single_op_output))
+                Ok(self.apply_txn(&txn)?.map(single_op_output))
             }
             Command::DeleteRange(d) => {
                 let txn = TxnRequest {
@@ -410,9 +504,10 @@ impl Mvcc {
                     success: vec![TxnOp::DeleteRange(d.clone())],
                     failure: vec![],
                 };
-                Ok(self.apply_txn(&txn, meta)?.map(single_op_output))
+                Ok(self.apply_txn(&txn)?.map(single_op_output))
             }
-            Command::Txn(t) => Ok(self.apply_txn(t, meta)?.map(Output::Txn)),
+            Command::Txn(t) => Ok(self.apply_txn(t)?.map(Output::Txn)),
+            Command::Batch(_) => Ok(Err(Error::Internal("nested command batch".into()))),
         }
     }
 
@@ -444,11 +539,7 @@ impl Mvcc {
         })
     }
 
-    fn apply_txn(
-        &self,
-        txn: &TxnRequest,
-        meta: MetaWrites,
-    ) -> Result<Result<TxnResponse, Error>, Fatal> {
+    fn apply_txn(&self, txn: &TxnRequest) -> Result<Result<TxnResponse, Error>, Fatal> {
         let tree = self.tree();
         let st = self.state.read();
         let main = st.current + 1;
@@ -461,7 +552,11 @@ impl Mvcc {
                     break;
                 }
             }
-            let ops = if succeeded { &txn.success } else { &txn.failure };
+            let ops = if succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
             check_no_duplicate_writes(ops)?;
             let mut records: Vec<Record> = Vec::new();
             let mut responses = Vec::with_capacity(ops.len());
@@ -503,12 +598,20 @@ impl Mvcc {
                         let mut prev_kvs = Vec::new();
                         if !range_is_empty(&d.range) {
                             for (key, h) in st.index.range(range_bounds(&d.range)) {
-                                let Some(prev) = h.latest_live() else { continue };
+                                let Some(prev) = h.latest_live() else {
+                                    continue;
+                                };
                                 if d.prev_kv {
-                                    prev_kvs.push(self.must_read(&tree, prev, st.current)?.to_key_value());
+                                    prev_kvs.push(
+                                        self.must_read(&tree, prev, st.current)?.to_key_value(),
+                                    );
                                 }
                                 deleted += 1;
-                                records.push(tombstone(key.clone(), Rev::new(main, records.len() as u32), prev));
+                                records.push(tombstone(
+                                    key.clone(),
+                                    Rev::new(main, records.len() as u32),
+                                    prev,
+                                ));
                             }
                         }
                         responses.push(TxnOpResponse::DeleteRange(DeleteRangeResponse {
@@ -532,11 +635,7 @@ impl Mvcc {
         })();
         let (succeeded, records, mut responses) = match plan {
             Ok(p) => p,
-            Err(e) => {
-                drop(st);
-                self.apply_meta(meta)?;
-                return Ok(Err(e));
-            }
+            Err(e) => return Ok(Err(e)),
         };
         let revision = if records.is_empty() { st.current } else { main };
         for r in &mut responses {
@@ -548,7 +647,7 @@ impl Mvcc {
             }
         }
         drop(st);
-        self.commit(records, Vec::new(), meta)?;
+        self.commit(records)?;
         Ok(Ok(TxnResponse {
             succeeded,
             responses,
@@ -611,34 +710,15 @@ impl Mvcc {
         })
     }
 
-    /// Writes records (and extra raw writes) atomically, then updates the index and wakes
-    /// watchers.
-    fn commit(
-        &self,
-        records: Vec<Record>,
-        extra: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-        meta: MetaWrites,
-    ) -> Result<(), Fatal> {
+    /// Stores new records (in revision order), then indexes them and wakes watchers.
+    fn commit(&self, records: Vec<Record>) -> Result<(), Fatal> {
+        let Some(main) = records.first().map(|r| r.rev.main) else {
+            return Ok(());
+        };
         let tree = self.tree();
-        let mut batch = sled::Batch::default();
-        let main = records.first().map(|r| r.rev.main);
         for rec in &records {
-            batch.insert(&codec::record_key(rec.rev)[..], rec.encode());
+            tree.insert(&codec::record_key(rec.rev)[..], rec.encode())?;
         }
-        if let Some(main) = main {
-            batch.insert(codec::meta_key(META_REVISION), &codec::encode_i64(main)[..]);
-        }
-        for (k, v) in extra {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        for (k, v) in meta {
-            batch.insert(k, v);
-        }
-        tree.apply_batch(batch)?;
-        let Some(main) = main else { return Ok(()) };
         let records: Vec<Arc<Record>> = records.into_iter().map(Arc::new).collect();
         {
             let mut st = self.state.write();
@@ -670,12 +750,7 @@ impl Mvcc {
         Ok(())
     }
 
-    fn apply_lease_grant(
-        &self,
-        id: LeaseId,
-        ttl: i64,
-        meta: MetaWrites,
-    ) -> Result<Result<Output, Error>, Fatal> {
+    fn apply_lease_grant(&self, id: LeaseId, ttl: i64) -> Result<Result<Output, Error>, Fatal> {
         let err = {
             let st = self.state.read();
             if id <= 0 {
@@ -689,12 +764,10 @@ impl Mvcc {
             }
         };
         if let Some(e) = err {
-            self.apply_meta(meta)?;
             return Ok(Err(e));
         }
-        let mut meta = meta;
-        meta.push((codec::lease_key(id).to_vec(), codec::encode_i64(ttl).to_vec()));
-        self.apply_meta(meta)?;
+        self.tree()
+            .insert(codec::lease_key(id), &codec::encode_i64(ttl)[..])?;
         self.state.write().leases.insert(
             id,
             LeaseState {
@@ -708,57 +781,48 @@ impl Mvcc {
         })))
     }
 
-    fn apply_lease_revoke(
-        &self,
-        id: LeaseId,
-        meta: MetaWrites,
-    ) -> Result<Result<Output, Error>, Fatal> {
+    fn apply_lease_revoke(&self, id: LeaseId) -> Result<Result<Output, Error>, Fatal> {
         let records = {
             let st = self.state.read();
             let Some(lease) = st.leases.get(&id) else {
-                drop(st);
-                self.apply_meta(meta)?;
                 return Ok(Err(Error::LeaseNotFound(id)));
             };
             let main = st.current + 1;
             let mut records = Vec::new();
             for key in &lease.keys {
                 if let Some(prev) = st.index.get(key).and_then(|h| h.latest_live()) {
-                    records.push(tombstone(key.clone(), Rev::new(main, records.len() as u32), prev));
+                    records.push(tombstone(
+                        key.clone(),
+                        Rev::new(main, records.len() as u32),
+                        prev,
+                    ));
                 }
             }
             records
         };
         let revision = records.first().map(|r| r.rev.main);
-        self.commit(
-            records,
-            vec![(codec::lease_key(id).to_vec(), None)],
-            meta,
-        )?;
+        self.commit(records)?;
         let mut st = self.state.write();
         st.leases.remove(&id);
+        // The lease's own key goes after the next commit point: replaying this revoke after a
+        // crash must still find the lease.
+        st.removed_leases.push(id);
         let revision = revision.unwrap_or(st.current);
         Ok(Ok(Output::LeaseRevoke(LeaseRevokeResponse { revision })))
     }
 
-    fn apply_compact(
-        &self,
-        revision: Revision,
-        meta: MetaWrites,
-    ) -> Result<Result<Output, Error>, Fatal> {
+    fn apply_compact(&self, revision: Revision) -> Result<Result<Output, Error>, Fatal> {
         let (current, old_compact) = {
             let st = self.state.read();
             (st.current, st.compact)
         };
         if revision <= old_compact {
-            self.apply_meta(meta)?;
             return Ok(Err(Error::Compacted {
                 requested: revision,
                 compact_revision: old_compact,
             }));
         }
         if revision > current {
-            self.apply_meta(meta)?;
             return Ok(Err(Error::FutureRevision {
                 requested: revision,
                 current,
@@ -799,19 +863,14 @@ impl Mvcc {
                 }
             }
         }
-        let mut batch = sled::Batch::default();
-        for rev in &doomed {
-            batch.remove(&codec::record_key(*rev)[..]);
-        }
-        batch.insert(codec::meta_key(META_COMPACT), &codec::encode_i64(revision)[..]);
-        for (k, v) in meta {
-            batch.insert(k, v);
-        }
-        tree.apply_batch(batch)?;
+        // In memory first, so that a concurrent reader that misses a record below finds the
+        // new compact revision and reports `Compacted`.
         {
             let mut st = self.state.write();
             for key in &touched {
-                let Some(h) = st.index.get_mut(key) else { continue };
+                let Some(h) = st.index.get_mut(key) else {
+                    continue;
+                };
                 let keep_from = h.revs.partition_point(|(r, _)| r.main <= revision);
                 if keep_from == 0 {
                     continue;
@@ -824,6 +883,12 @@ impl Mvcc {
                 }
             }
             st.compact = revision;
+        }
+        // Oldest first: a crash part-way leaves, for every key, a suffix of its history, which
+        // replaying the compaction finishes (a deletion is never removed before what it deleted).
+        doomed.sort_unstable();
+        for rev in &doomed {
+            tree.remove(&codec::record_key(*rev)[..])?;
         }
         self.hub.set_compact(revision);
         tracing::debug!(revision, removed = doomed.len(), "compacted");
@@ -889,7 +954,9 @@ fn check_no_duplicate_writes(ops: &[TxnOp]) -> Result<(), Error> {
     for op in ops {
         if let TxnOp::Put(p) = op {
             if !puts.insert(&p.key) {
-                return Err(Error::DuplicateKey(String::from_utf8_lossy(&p.key).into_owned()));
+                return Err(Error::DuplicateKey(
+                    String::from_utf8_lossy(&p.key).into_owned(),
+                ));
             }
         }
     }

@@ -1,10 +1,13 @@
 //! openraft glue: the type config, the raft log on sled with group-commit fsync, the MVCC state
 //! machine adaptor with file snapshots, and an in-process network.
 //!
-//! Durability: `append` stores entries in sled and hands the raft callback to a flusher thread;
-//! the flusher takes every callback queued while it was busy, runs one `Db::flush` (write +
-//! fsync) and completes them all. Raft acknowledges a write only after its callback fired, so an
-//! acknowledged write is on disk, and concurrent writes share fsyncs.
+//! Durability: `append` stores entries in sled, then flushes sled and fdatasyncs its file before
+//! it reports the entries persisted; raft acknowledges a write only after that, so an
+//! acknowledged write is on disk. openraft 0.9 persists one append at a time, so concurrent
+//! writes share an fsync by sharing a log entry: `Store` packs them into batch entries.
+
+// openraft's `StorageError` is large and is what its traits return.
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -14,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
-    StreamingError, Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
 };
 use openraft::network::RPCOption;
 use openraft::raft::{
@@ -33,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec;
 use crate::error::Error;
 use crate::lease::Lessor;
-use crate::mvcc::{self, Command, MetaWrites, Mvcc, Output};
+use crate::mvcc::{self, Command, Mvcc, Output};
 
 /// Result of applying one log entry, returned to the proposer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,21 +73,35 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 // ---------------------------------------------------------------------------------------------
 // Raft log
 
-/// Completion of one append, called with the result of the fsync that covered it.
-type FlushCallback = Box<dyn FnOnce(io::Result<()>) + Send>;
-
-enum FlushRequest {
-    Append(FlushCallback),
-    Stop,
-}
-
 /// The raft log and vote, in sled trees `raft_log` and `raft_meta`.
 #[derive(Clone)]
 pub(crate) struct LogStore {
-    db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
-    flusher: std::sync::mpsc::Sender<FlushRequest>,
+    durable: Arc<Durable>,
+}
+
+/// Makes everything written to sled so far durable.
+pub(crate) struct Durable {
+    db: sled::Db,
+    /// sled's data file: sled itself only issues `sync_file_range`, which flushes neither the
+    /// disk's write cache nor the file's size, so each flush is followed by an fdatasync.
+    data_file: std::fs::File,
+    fsyncs: std::sync::atomic::AtomicU64,
+}
+
+impl Durable {
+    fn sync(&self) -> io::Result<()> {
+        self.db.flush().map_err(io_err)?;
+        self.data_file.sync_data()?;
+        self.fsyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 const META_VOTE: &[u8] = b"vote";
@@ -92,66 +109,33 @@ const META_PURGED: &[u8] = b"last_purged";
 const META_COMMITTED: &[u8] = b"committed";
 
 impl LogStore {
-    pub fn open(db: &sled::Db) -> Result<(LogStore, std::thread::JoinHandle<()>), sled::Error> {
+    /// `sled_dir` is the sled database directory.
+    pub fn open(db: &sled::Db, sled_dir: &Path) -> Result<LogStore, sled::Error> {
         let log = db.open_tree("raft_log")?;
         let meta = db.open_tree("raft_meta")?;
-        let (tx, rx) = std::sync::mpsc::channel::<FlushRequest>();
-        let fdb = db.clone();
-        let handle = std::thread::Builder::new()
-            .name("k3rs-store-fsync".into())
-            .spawn(move || {
-                flusher(
-                    || fdb.flush().map(|_| ()).map_err(io_err),
-                    rx,
-                )
-            })
-            .expect("spawning the fsync thread");
-        Ok((
-            LogStore {
+        let data_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(sled_dir.join("db"))?;
+        Ok(LogStore {
+            log,
+            meta,
+            durable: Arc::new(Durable {
                 db: db.clone(),
-                log,
-                meta,
-                flusher: tx,
-            },
-            handle,
-        ))
+                data_file,
+                fsyncs: Default::default(),
+            }),
+        })
     }
 
-    pub fn stop_flusher(&self) {
-        let _ = self.flusher.send(FlushRequest::Stop);
+    pub fn durable(&self) -> Arc<Durable> {
+        self.durable.clone()
     }
 
     fn get_meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> StorageResult<Option<T>> {
         match self.meta.get(key).map_err(|e| StorageIOError::read(&e))? {
             None => Ok(None),
             Some(v) => Ok(Some(dec(&v).map_err(|e| StorageIOError::read(&e))?)),
-        }
-    }
-}
-
-/// Group commit: every request queued while the previous fsync ran shares the next one.
-/// Callbacks run only after the fsync that covers their append has returned.
-fn flusher(flush: impl Fn() -> io::Result<()>, rx: std::sync::mpsc::Receiver<FlushRequest>) {
-    let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut stop = false;
-        for req in std::iter::once(first).chain(rx.try_iter()) {
-            match req {
-                FlushRequest::Append(cb) => batch.push(cb),
-                FlushRequest::Stop => stop = true,
-            }
-        }
-        if !batch.is_empty() {
-            let res = flush();
-            for cb in batch.drain(..) {
-                cb(match &res {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-                });
-            }
-        }
-        if stop {
-            break;
         }
     }
 }
@@ -210,9 +194,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(META_VOTE, enc(vote))
             .map_err(|e| StorageIOError::write_vote(&e))?;
-        self.db
-            .flush_async()
-            .await
+        self.durable
+            .sync()
             .map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
@@ -229,7 +212,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(META_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(META_COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
@@ -237,31 +222,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts in index order (a sled batch would force a synchronous write of its
+        // own): a crash keeps a prefix, never a hole, and nothing is acknowledged before the
+        // flush below.
         for e in entries {
-            batch.insert(&index_key(e.log_id.index)[..], enc(&e));
+            self.log
+                .insert(&index_key(e.log_id.index)[..], enc(&e))
+                .map_err(|e| StorageIOError::write_logs(&e))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
-        let cb: FlushCallback = Box::new(move |res| callback.log_io_completed(res));
-        if let Err(std::sync::mpsc::SendError(FlushRequest::Append(cb))) =
-            self.flusher.send(FlushRequest::Append(cb))
-        {
-            cb(Err(io::Error::other("store is shutting down")));
-        }
+        // openraft 0.9 waits for this callback before its next log IO anyway, so flushing
+        // here, on the raft core's thread, saves a thread hop.
+        callback.log_io_completed(self.durable.sync());
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
+        // Newest first, so that a crash part-way leaves a prefix.
+        let mut keys = Vec::new();
         for item in self.log.range(index_key(log_id.index)..) {
-            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
+            keys.push(item.map_err(|e| StorageIOError::write_logs(&e))?.0);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        for k in keys.into_iter().rev() {
+            self.log
+                .remove(k)
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+        }
         Ok(())
     }
 
@@ -269,14 +254,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(META_PURGED, enc(&log_id))
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let mut batch = sled::Batch::default();
+        // Oldest first, after recording the new purge point.
+        let mut keys = Vec::new();
         for item in self.log.range(..=index_key(log_id.index)) {
-            let (k, _) = item.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
+            keys.push(item.map_err(|e| StorageIOError::write_logs(&e))?.0);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&e))?;
+        for k in keys {
+            self.log
+                .remove(k)
+                .map_err(|e| StorageIOError::write_logs(&e))?;
+        }
         Ok(())
     }
 }
@@ -343,8 +330,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
         let applied = match self
             .mvcc
-            .meta(mvcc::META_APPLIED)
-            .map_err(|e| StorageIOError::read_state_machine(&e))?
+            .applied()
+            .map_err(|e| StorageIOError::read_state_machine(&io_err(e)))?
         {
             Some(v) => dec(&v).map_err(|e| StorageIOError::read_state_machine(&e))?,
             None => None,
@@ -366,54 +353,54 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
+        let mut last = None;
+        let mut n = 0;
         for entry in entries {
+            n += 1;
             let log_id = entry.log_id;
-            let mut meta: MetaWrites = vec![(
-                codec::meta_key(mvcc::META_APPLIED),
-                enc(&Some(log_id)),
-            )];
+            last = Some(log_id);
             match entry.payload {
-                EntryPayload::Blank => {
+                EntryPayload::Blank => out.push(ApplyResult(Ok(Output::None))),
+                EntryPayload::Membership(m) => {
                     self.mvcc
-                        .apply_meta(meta)
-                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                        .set_membership(enc(&StoredMembership::new(Some(log_id), m)))
+                        .map_err(|e| StorageIOError::apply(log_id, &io_err(e.0)))?;
                     out.push(ApplyResult(Ok(Output::None)));
                 }
-                EntryPayload::Membership(m) => {
-                    meta.push((
-                        codec::meta_key(mvcc::META_MEMBERSHIP),
-                        enc(&StoredMembership::new(Some(log_id), m)),
-                    ));
-                    self.mvcc
-                        .apply_meta(meta)
-                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
-                    out.push(ApplyResult(Ok(Output::None)));
+                EntryPayload::Normal(Command::Batch(cmds)) => {
+                    let _exclusive = if cmds.iter().any(|c| matches!(c, Command::Compact { .. })) {
+                        Some(self.snapshot_lock.write().await)
+                    } else {
+                        None
+                    };
+                    let mut results = Vec::with_capacity(cmds.len());
+                    for cmd in &cmds {
+                        results.push(self.apply_one(log_id, cmd)?);
+                    }
+                    out.push(ApplyResult(Ok(Output::Batch(results))));
                 }
                 EntryPayload::Normal(cmd) => {
                     let _exclusive = match cmd {
                         Command::Compact { .. } => Some(self.snapshot_lock.write().await),
                         _ => None,
                     };
-                    let res = self
-                        .mvcc
-                        .apply(&cmd, meta)
-                        .map_err(|e| StorageIOError::apply(log_id, &io_err(e.0)))?;
-                    match (&cmd, &res) {
-                        (Command::LeaseGrant { id, ttl_seconds }, Ok(_)) => {
-                            self.lessor.renew(*id, *ttl_seconds)
-                        }
-                        (Command::LeaseRevoke { id }, _) => self.lessor.forget(*id),
-                        _ => {}
-                    }
-                    out.push(ApplyResult(res));
+                    out.push(ApplyResult(self.apply_one(log_id, &cmd)?));
                 }
             }
+        }
+        if let Some(log_id) = last {
+            self.mvcc
+                .applied_up_to(enc(&Some(log_id)), n)
+                .map_err(|e| StorageIOError::apply(log_id, &io_err(e.0)))?;
         }
         Ok(out)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let guard = self.snapshot_lock.clone().read_owned().await;
+        if let Err(e) = self.mvcc.commit_point() {
+            tracing::error!(error = %e.0, "writing a commit point before a snapshot failed");
+        }
         SnapshotBuilder {
             sm: self.clone(),
             view: self.mvcc.meta_view(),
@@ -472,6 +459,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 impl StateMachine {
+    fn apply_one(
+        &self,
+        log_id: LogId<NodeId>,
+        cmd: &Command,
+    ) -> StorageResult<Result<Output, Error>> {
+        let res = self
+            .mvcc
+            .apply(cmd)
+            .map_err(|e| StorageIOError::apply(log_id, &io_err(e.0)))?;
+        match (cmd, &res) {
+            (Command::LeaseGrant { id, ttl_seconds }, Ok(_)) => {
+                self.lessor.renew(*id, *ttl_seconds)
+            }
+            (Command::LeaseRevoke { id }, _) => self.lessor.forget(*id),
+            _ => {}
+        }
+        Ok(res)
+    }
+
     fn install_blocking(
         &self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
@@ -496,27 +502,24 @@ impl StateMachine {
         let tree = self.db.open_tree(new_name.as_bytes()).map_err(io_err)?;
         let mut reader = BufReader::new(&mut file);
         let header = read_header(&mut reader)?;
-        let mut batch = sled::Batch::default();
-        let mut n_in_batch = 0;
+        // The new tree becomes active only after it is complete and flushed.
         read_entries(&mut reader, |k, v| {
-            batch.insert(k, v);
-            n_in_batch += 1;
-            if n_in_batch >= 1024 {
-                tree.apply_batch(std::mem::take(&mut batch)).map_err(io_err)?;
-                n_in_batch = 0;
-            }
-            Ok(())
+            tree.insert(k, v).map(|_| ()).map_err(io_err)
         })?;
         // The snapshot's own raft position is authoritative.
-        batch.insert(
-            codec::meta_key(mvcc::META_APPLIED),
-            enc(&meta.last_log_id),
-        );
-        batch.insert(
+        let commit = mvcc::CommitRecord {
+            applied: Some(enc(&meta.last_log_id)),
+            revision: header.current,
+            compact: header.compact,
+            removed_leases: Vec::new(),
+        };
+        tree.insert(codec::meta_key(mvcc::META_COMMIT), enc(&commit))
+            .map_err(io_err)?;
+        tree.insert(
             codec::meta_key(mvcc::META_MEMBERSHIP),
             enc(&meta.last_membership),
-        );
-        tree.apply_batch(batch).map_err(io_err)?;
+        )
+        .map_err(io_err)?;
         self.db.flush().map_err(io_err)?;
         control
             .insert(CONTROL_ACTIVE, new_name.as_bytes())
@@ -601,7 +604,10 @@ fn read_header(r: &mut impl Read) -> io::Result<SnapshotHeader> {
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > 64 << 20 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot header too large"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot header too large",
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf)?;
@@ -632,7 +638,10 @@ fn read_entries(
 fn verify_snapshot(file: &mut std::fs::File) -> io::Result<()> {
     let len = file.seek(io::SeekFrom::End(0))?;
     if len < 12 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot truncated"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "snapshot truncated",
+        ));
     }
     file.rewind()?;
     let mut crc = crc32fast::Hasher::new();
@@ -706,15 +715,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             w.write_all(SNAP_MAGIC)?;
             w.write_all(&(header_bytes.len() as u32).to_le_bytes())?;
             w.write_all(&header_bytes)?;
+            let commit = mvcc::CommitRecord {
+                applied: Some(enc(&header.meta.last_log_id)),
+                revision: header.current,
+                compact: header.compact,
+                removed_leases: Vec::new(),
+            };
+            write_entry(&mut w, &codec::meta_key(mvcc::META_COMMIT), &enc(&commit))?;
             write_entry(
                 &mut w,
-                &codec::meta_key(mvcc::META_REVISION),
-                &codec::encode_i64(header.current),
-            )?;
-            write_entry(
-                &mut w,
-                &codec::meta_key(mvcc::META_COMPACT),
-                &codec::encode_i64(header.compact),
+                &codec::meta_key(mvcc::META_MEMBERSHIP),
+                &enc(&header.meta.last_membership),
             )?;
             for (id, ttl) in leases {
                 write_entry(&mut w, &codec::lease_key(id), &codec::encode_i64(ttl))?;
@@ -861,58 +872,5 @@ impl RaftNetwork<TypeConfig> for LocalConnection {
         )
         .await
         .map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::mpsc;
-
-    #[test]
-    fn appends_complete_only_after_an_fsync_and_queued_appends_share_one() {
-        let flushes = Arc::new(AtomicUsize::new(0));
-        let (gate_tx, gate_rx) = mpsc::channel::<()>();
-        let (tx, rx) = mpsc::channel::<FlushRequest>();
-        let f = flushes.clone();
-        let gate_rx = parking_lot::Mutex::new(gate_rx);
-        let handle = std::thread::spawn(move || {
-            flusher(
-                || {
-                    // Each fsync waits for the test to release it.
-                    gate_rx.lock().recv().unwrap();
-                    f.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                },
-                rx,
-            )
-        });
-        let (done_tx, done_rx) = mpsc::channel::<(usize, usize)>();
-        let send = |i: usize| {
-            let done_tx = done_tx.clone();
-            let flushes = flushes.clone();
-            tx.send(FlushRequest::Append(Box::new(move |res| {
-                res.unwrap();
-                done_tx.send((i, flushes.load(Ordering::SeqCst))).unwrap();
-            })))
-            .unwrap();
-        };
-        send(0);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        // The first fsync is in progress (blocked); these queue behind it.
-        for i in 1..=10 {
-            send(i);
-        }
-        assert!(done_rx.try_recv().is_err(), "no append completes before its fsync");
-        gate_tx.send(()).unwrap();
-        let (i, seen) = done_rx.recv().unwrap();
-        assert_eq!((i, seen), (0, 1));
-        gate_tx.send(()).unwrap();
-        let rest: Vec<_> = (1..=10).map(|_| done_rx.recv().unwrap()).collect();
-        assert!(rest.iter().all(|&(_, f)| f == 2), "ten queued appends shared the second fsync: {rest:?}");
-        tx.send(FlushRequest::Stop).unwrap();
-        handle.join().unwrap();
-        assert_eq!(flushes.load(Ordering::SeqCst), 2);
     }
 }

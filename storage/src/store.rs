@@ -84,17 +84,34 @@ impl StoreConfig {
     }
 }
 
+/// A write waiting to be proposed.
+struct Proposal {
+    cmd: Command,
+    size: usize,
+    done: tokio::sync::oneshot::Sender<Result<Output>>,
+}
+
+/// Most commands and bytes batched into one log entry.
+const MAX_BATCH: usize = 1024;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Log entries proposed but not yet applied. openraft 0.9 appends and fsyncs one entry at a
+/// time, so concurrent writes share an fsync only if they share an entry: the proposer keeps
+/// few entries in flight and packs everything that queued meanwhile into the next one.
+const MAX_IN_FLIGHT: usize = 2;
+
 struct Inner {
     node_id: NodeId,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
+    /// Entries in flight (shared by the proposer and the direct path).
+    slots: Arc<tokio::sync::Semaphore>,
     raft: Raft,
     mvcc: Arc<Mvcc>,
     lessor: Arc<Lessor>,
     db: sled::Db,
-    log: LogStore,
     router: LocalRouter,
     dir: PathBuf,
     max_request_bytes: usize,
-    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    durable: Arc<raft::Durable>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lock: Mutex<Option<DirLock>>,
     lease_seq: AtomicU64,
@@ -167,25 +184,30 @@ impl Store {
     pub async fn open(cfg: StoreConfig) -> Result<Store, OpenError> {
         let dir = cfg.dir.clone();
         let lock = dir::prepare(&dir)?;
+        let sled_dir = dir.join("sled");
         let db = sled::Config::new()
-            .path(dir.join("sled"))
+            .path(&sled_dir)
             .cache_capacity(cfg.cache_capacity_bytes)
             .flush_every_ms(None)
             .open()
             .map_err(|e| open_err(&dir, e))?;
         let tree = raft::open_active_tree(&db).map_err(|e| open_err(&dir, e))?;
-        let mvcc = Arc::new(Mvcc::load(tree, dir.clone()).map_err(|detail| OpenError::Corrupt {
-            path: dir.clone(),
-            detail,
-        })?);
+        let mvcc =
+            Arc::new(
+                Mvcc::load(tree, dir.clone()).map_err(|detail| OpenError::Corrupt {
+                    path: dir.clone(),
+                    detail,
+                })?,
+            );
         let lessor = Arc::new(Lessor::new(cfg.clock.clone()));
-        let (log, flusher) = LogStore::open(&db).map_err(|e| open_err(&dir, e))?;
-        let sm = StateMachine::new(mvcc.clone(), lessor.clone(), db.clone(), &dir).map_err(|source| {
-            OpenError::Io {
+        let log = LogStore::open(&db, &sled_dir).map_err(|e| open_err(&dir, e))?;
+        let durable = log.durable();
+        let sm = StateMachine::new(mvcc.clone(), lessor.clone(), db.clone(), &dir).map_err(
+            |source| OpenError::Io {
                 path: dir.join("snapshots"),
                 source,
-            }
-        })?;
+            },
+        )?;
         let raft_err = |detail: String| OpenError::Raft {
             path: dir.clone(),
             detail,
@@ -204,23 +226,33 @@ impl Store {
         .validate()
         .map_err(|e| raft_err(e.to_string()))?;
         let router = cfg.router.clone().unwrap_or_default();
-        let raft = Raft::new(cfg.node_id, Arc::new(config), router.clone(), log.clone(), sm)
-            .await
-            .map_err(|e| raft_err(e.to_string()))?;
+        let raft = Raft::new(
+            cfg.node_id,
+            Arc::new(config),
+            router.clone(),
+            log.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| raft_err(e.to_string()))?;
         router.add(cfg.node_id, raft.clone());
+        let (proposals, proposal_rx) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+        let proposer_task = tokio::spawn(proposer(raft.clone(), proposal_rx, slots.clone()));
         let store = Store {
             inner: Arc::new(Inner {
                 node_id: cfg.node_id,
+                proposals,
+                slots,
                 raft: raft.clone(),
                 mvcc: mvcc.clone(),
                 lessor: lessor.clone(),
                 db,
-                log,
                 router,
                 dir: dir.clone(),
                 max_request_bytes: cfg.max_request_bytes,
-                flusher: Mutex::new(Some(flusher)),
-                tasks: Mutex::new(Vec::new()),
+                durable,
+                tasks: Mutex::new(vec![proposer_task]),
                 lock: Mutex::new(Some(lock)),
                 lease_seq: AtomicU64::new(
                     std::time::SystemTime::now()
@@ -272,7 +304,10 @@ impl Store {
         self.inner.lessor.promote(&self.inner.mvcc.leases());
         let weak = Arc::downgrade(&self.inner);
         let mut tasks = self.inner.tasks.lock();
-        tasks.push(tokio::spawn(lease_loop(weak.clone(), cfg.lease_check_interval)));
+        tasks.push(tokio::spawn(lease_loop(
+            weak.clone(),
+            cfg.lease_check_interval,
+        )));
         if let Some(window) = cfg.compaction_window {
             tasks.push(tokio::spawn(compaction_loop(weak.clone(), window)));
         }
@@ -287,12 +322,10 @@ impl Store {
             t.abort();
         }
         let _ = self.inner.raft.shutdown().await;
-        self.inner.router.remove(self.inner.node_id);
-        self.inner.log.stop_flusher();
-        let flusher = self.inner.flusher.lock().take();
-        if let Some(h) = flusher {
-            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        if let Err(e) = self.inner.mvcc.commit_point() {
+            tracing::warn!(error = %e.0, "writing the final commit point failed");
         }
+        self.inner.router.remove(self.inner.node_id);
         let _ = self.inner.db.flush_async().await;
         self.inner.lock.lock().take();
     }
@@ -333,22 +366,52 @@ impl Store {
 
     /// Proposes a command and waits for its result. While this server is between terms (an
     /// election it will win, or has just won) the write is retried, boundedly.
-    async fn write(&self, cmd: Command) -> Result<Output> {
+    async fn write(&self, cmd: Command, size: usize) -> Result<Output> {
         let raft = &self.inner.raft;
         let me = self.inner.node_id;
         for attempt in 0..5 {
-            match raft.client_write(cmd.clone()).await.map_err(map_write_err) {
-                Ok(resp) => return resp.data.0,
-                Err(Error::NotLeader { leader }) if attempt < 4 && leader.is_none_or(|l| l == me) => {
-                    let _ = raft
-                        .wait(Some(Duration::from_secs(2)))
-                        .metrics(
-                            |m| m.current_leader.is_some() && m.state != ServerState::Candidate,
-                            "a leader",
-                        )
-                        .await;
+            let direct = if self.inner.slots.available_permits() == MAX_IN_FLIGHT {
+                // Nothing in flight: propose from this task, skipping the proposer's hops.
+                self.inner.slots.clone().try_acquire_owned().ok()
+            } else {
+                None
+            };
+            if let Some(permit) = direct {
+                let res = match raft.client_write_ff(cmd.clone()).await {
+                    Err(_) => Err(Error::ShuttingDown),
+                    Ok(rx) => match rx.await {
+                        Err(_) => Err(Error::ShuttingDown),
+                        Ok(Err(e)) => Err(map_write_err(RaftError::APIError(e))),
+                        Ok(Ok(resp)) => resp.data.0,
+                    },
+                };
+                drop(permit);
+                match res {
+                    Err(Error::NotLeader { leader })
+                        if attempt < 4 && leader.is_none_or(|l| l == me) =>
+                    {
+                        wait_for_leader(raft).await;
+                        continue;
+                    }
+                    other => return other,
                 }
-                Err(e) => return Err(e),
+            }
+            let (done, rx) = tokio::sync::oneshot::channel();
+            let proposal = Proposal {
+                cmd: cmd.clone(),
+                size,
+                done,
+            };
+            if self.inner.proposals.send(proposal).await.is_err() {
+                return Err(Error::ShuttingDown);
+            }
+            match rx.await.unwrap_or(Err(Error::ShuttingDown)) {
+                Err(Error::NotLeader { leader })
+                    if attempt < 4 && leader.is_none_or(|l| l == me) =>
+                {
+                    wait_for_leader(raft).await;
+                }
+                other => return other,
             }
         }
         Err(Error::NotLeader { leader: None })
@@ -386,7 +449,8 @@ impl Store {
         if req.key.is_empty() {
             return Err(Error::EmptyKey);
         }
-        match self.write(Command::Put(req)).await? {
+        let size = req.key.len() + req.value.len();
+        match self.write(Command::Put(req), size).await? {
             Output::Put(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -394,7 +458,8 @@ impl Store {
 
     pub async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
         self.check_size(req.range.byte_len())?;
-        match self.write(Command::DeleteRange(req)).await? {
+        let size = req.range.byte_len();
+        match self.write(Command::DeleteRange(req), size).await? {
             Output::DeleteRange(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -411,14 +476,19 @@ impl Store {
                         _ => 8,
                     }
             })
-            .chain(req.success.iter().chain(req.failure.iter()).map(|op| match op {
-                TxnOp::Put(p) => p.key.len() + p.value.len(),
-                TxnOp::DeleteRange(d) => d.range.byte_len(),
-                TxnOp::Range(r) => r.range.byte_len(),
-            }))
+            .chain(
+                req.success
+                    .iter()
+                    .chain(req.failure.iter())
+                    .map(|op| match op {
+                        TxnOp::Put(p) => p.key.len() + p.value.len(),
+                        TxnOp::DeleteRange(d) => d.range.byte_len(),
+                        TxnOp::Range(r) => r.range.byte_len(),
+                    }),
+            )
             .sum();
         self.check_size(size)?;
-        match self.write(Command::Txn(req)).await? {
+        match self.write(Command::Txn(req), size).await? {
             Output::Txn(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -445,7 +515,10 @@ impl Store {
         if !(1..=crate::lease::MAX_TTL_SECONDS).contains(&ttl_seconds) {
             return Err(Error::InvalidTtl(ttl_seconds));
         }
-        match self.write(Command::LeaseGrant { id, ttl_seconds }).await? {
+        match self
+            .write(Command::LeaseGrant { id, ttl_seconds }, 16)
+            .await?
+        {
             Output::LeaseGrant(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -465,7 +538,7 @@ impl Store {
 
     /// Revokes a lease and deletes its keys (in one revision).
     pub async fn lease_revoke(&self, id: LeaseId) -> Result<LeaseRevokeResponse> {
-        match self.write(Command::LeaseRevoke { id }).await? {
+        match self.write(Command::LeaseRevoke { id }, 8).await? {
             Output::LeaseRevoke(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -504,7 +577,7 @@ impl Store {
 
     /// Drops history before `revision`.
     pub async fn compact(&self, revision: Revision) -> Result<CompactResponse> {
-        match self.write(Command::Compact { revision }).await? {
+        match self.write(Command::Compact { revision }, 8).await? {
             Output::Compact(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -541,7 +614,9 @@ impl Store {
     /// Bytes the data directory takes on disk.
     pub fn disk_usage_bytes(&self) -> u64 {
         fn walk(p: &Path) -> u64 {
-            let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+            let Ok(rd) = std::fs::read_dir(p) else {
+                return 0;
+            };
             rd.flatten()
                 .map(|e| match e.metadata() {
                     Ok(m) if m.is_dir() => walk(&e.path()),
@@ -554,6 +629,11 @@ impl Store {
                 .sum()
         }
         walk(&self.inner.dir)
+    }
+
+    /// fsyncs of the raft log so far (concurrent writes share them).
+    pub fn fsync_count(&self) -> u64 {
+        self.inner.durable.fsyncs()
     }
 
     /// Watchers currently registered as caught up.
@@ -574,6 +654,96 @@ impl Store {
             .await
             .map(|_| ())
             .map_err(|e| Error::Internal(e.to_string()))
+    }
+}
+
+/// Waits (boundedly) until some server leads.
+async fn wait_for_leader(raft: &Raft) {
+    let _ = raft
+        .wait(Some(Duration::from_secs(2)))
+        .metrics(
+            |m| m.current_leader.is_some() && m.state != ServerState::Candidate,
+            "a leader",
+        )
+        .await;
+}
+
+/// Packs queued writes into log entries (group commit) and hands out their results.
+async fn proposer(
+    raft: Raft,
+    mut rx: tokio::sync::mpsc::Receiver<Proposal>,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        // Everything that queued while the previous entries were in flight joins this one.
+        let mut bytes = first.size;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.size;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (cmd, waiters) = if batch.len() == 1 {
+            let p = batch.pop().expect("one proposal");
+            (p.cmd, vec![p.done])
+        } else {
+            let mut cmds = Vec::with_capacity(batch.len());
+            let mut waiters = Vec::with_capacity(batch.len());
+            for p in batch {
+                cmds.push(p.cmd);
+                waiters.push(p.done);
+            }
+            (Command::Batch(cmds), waiters)
+        };
+        let batched = waiters.len() > 1;
+        match raft.client_write_ff(cmd).await {
+            Err(_) => {
+                for w in waiters {
+                    let _ = w.send(Err(Error::ShuttingDown));
+                }
+            }
+            Ok(response) => {
+                tokio::spawn(async move {
+                    let res = response.await;
+                    drop(permit);
+                    let res: Result<Output> = match res {
+                        Err(_) => Err(Error::ShuttingDown),
+                        Ok(Err(e)) => Err(map_write_err(RaftError::APIError(e))),
+                        Ok(Ok(resp)) => resp.data.0,
+                    };
+                    match (batched, res) {
+                        (true, Ok(Output::Batch(results))) if results.len() == waiters.len() => {
+                            for (w, r) in waiters.into_iter().zip(results) {
+                                let _ = w.send(r);
+                            }
+                        }
+                        (true, Ok(other)) => {
+                            let e = unexpected(other);
+                            for w in waiters {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                        }
+                        (_, Err(e)) => {
+                            for w in waiters {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                        }
+                        (false, Ok(out)) => {
+                            for w in waiters {
+                                let _ = w.send(Ok(out.clone()));
+                            }
+                        }
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -640,7 +810,11 @@ async fn compaction_loop(inner: Weak<Inner>, window: Duration) {
         {
             continue;
         }
-        match inner.raft.client_write(Command::Compact { revision: rev }).await {
+        match inner
+            .raft
+            .client_write(Command::Compact { revision: rev })
+            .await
+        {
             Ok(r) => match r.data.0 {
                 Ok(_) => tracing::debug!(revision = rev, "periodic compaction"),
                 Err(Error::Compacted { .. }) => {}

@@ -329,7 +329,11 @@ impl WatchStream {
             _ => current + 1,
         };
         let events = self.to_events(records.iter().filter(|r| self.req.range.contains(&r.key)))?;
-        Ok(if events.is_empty() { None } else { Some(events) })
+        Ok(if events.is_empty() {
+            None
+        } else {
+            Some(events)
+        })
     }
 
     fn to_events<'a>(

@@ -7,7 +7,9 @@ use crate::common::TestDir;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_compare_and_swap_increments_lose_no_update() {
     let dir = TestDir::new("cas");
-    let store = Store::open(StoreConfig::new(dir.path().join("store"))).await.unwrap();
+    let store = Store::open(StoreConfig::new(dir.path().join("store")))
+        .await
+        .unwrap();
     store.put(PutRequest::new("counter", "0")).await.unwrap();
     let tasks = 16;
     let per_task = 40;
@@ -24,8 +26,13 @@ async fn concurrent_compare_and_swap_increments_lose_no_update() {
                             .txn(
                                 TxnRequest::new()
                                     .when([Compare::mod_revision_is("counter", cur.mod_revision)])
-                                    .and_then([TxnOp::Put(PutRequest::new("counter", (n + 1).to_string()))])
-                                    .or_else([TxnOp::Range(RangeRequest::new(KeyRange::key("counter")))]),
+                                    .and_then([TxnOp::Put(PutRequest::new(
+                                        "counter",
+                                        (n + 1).to_string(),
+                                    ))])
+                                    .or_else([TxnOp::Range(RangeRequest::new(KeyRange::key(
+                                        "counter",
+                                    )))]),
                             )
                             .await
                             .unwrap();
@@ -49,8 +56,55 @@ async fn concurrent_compare_and_swap_increments_lose_no_update() {
         conflicts += h.await.unwrap();
     }
     let v = store.get("counter").await.unwrap().unwrap();
-    assert_eq!(std::str::from_utf8(&v.value).unwrap(), (tasks * per_task).to_string());
+    assert_eq!(
+        std::str::from_utf8(&v.value).unwrap(),
+        (tasks * per_task).to_string()
+    );
     assert_eq!(v.version, (tasks * per_task + 1) as i64);
-    eprintln!("{} increments, {conflicts} conflicts retried", tasks * per_task);
+    eprintln!(
+        "{} increments, {conflicts} conflicts retried",
+        tasks * per_task
+    );
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_fsyncs() {
+    let dir = TestDir::new("group-commit");
+    let store = Store::open(StoreConfig::new(dir.path().join("store")))
+        .await
+        .unwrap();
+    let before = store.fsync_count();
+    let writers = 64;
+    let per_writer = 20;
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..per_writer {
+                    store
+                        .put(PutRequest::new(format!("gc/{w}/{i}"), "v"))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let fsyncs = store.fsync_count() - before;
+    let writes = (writers * per_writer) as u64;
+    assert!(fsyncs > 0, "acknowledged writes were fsynced");
+    assert!(
+        fsyncs * 4 <= writes,
+        "{writes} concurrent writes took {fsyncs} fsyncs: not grouped"
+    );
+    let all = store
+        .range(RangeRequest::new(KeyRange::prefix("gc/")).count_only())
+        .await
+        .unwrap();
+    assert_eq!(all.count as u64, writes);
+    eprintln!("{writes} writes from {writers} writers shared {fsyncs} fsyncs");
     store.shutdown().await;
 }

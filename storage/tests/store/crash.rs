@@ -115,7 +115,8 @@ fn acknowledged_writes_survive_sigkill_and_revision_never_goes_back() {
             let mut missing = Vec::new();
             for (key, rev) in &acked {
                 match found.get(key) {
-                    Some(kv) if kv.mod_revision == *rev && kv.value.starts_with(key.as_bytes()) => {}
+                    Some(kv) if kv.mod_revision == *rev && kv.value.starts_with(key.as_bytes()) => {
+                    }
                     other => missing.push(format!("{key}@{rev}: found {other:?}")),
                 }
             }
@@ -130,8 +131,14 @@ fn acknowledged_writes_survive_sigkill_and_revision_never_goes_back() {
             &missing[..missing.len().min(5)]
         );
         let max_acked = acked.iter().map(|(_, r)| *r).max().unwrap();
-        assert!(current >= max_acked, "cycle {cycle}: revision {current} < acked {max_acked}");
-        assert!(current >= last_revision, "cycle {cycle}: revision went back");
+        assert!(
+            current >= max_acked,
+            "cycle {cycle}: revision {current} < acked {max_acked}"
+        );
+        assert!(
+            current >= last_revision,
+            "cycle {cycle}: revision went back"
+        );
         last_revision = current;
     }
     eprintln!(

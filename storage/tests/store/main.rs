@@ -1,9 +1,9 @@
 //! Integration tests of the k3rs store, through its public API (one test binary).
 
-mod common;
-mod scripts;
 mod cas;
+mod common;
 mod crash;
-mod watch;
 mod errors;
+mod scripts;
 mod snapshot;
+mod watch;

@@ -215,7 +215,9 @@ async fn run_block(store: &Store, clock: &ManualClock, input: &[String]) -> Vec<
                         let keys: Vec<_> = resp
                             .kvs
                             .iter()
-                            .map(|k| format!("{}@{}", String::from_utf8_lossy(&k.key), k.mod_revision))
+                            .map(|k| {
+                                format!("{}@{}", String::from_utf8_lossy(&k.key), k.mod_revision)
+                            })
                             .collect();
                         out.push(format!("page rev={}: {}", resp.revision, keys.join(" ")));
                         rev = resp.revision;
@@ -306,7 +308,10 @@ async fn run_block(store: &Store, clock: &ManualClock, input: &[String]) -> Vec<
             }
         }
         ["compact", rev] => match store.compact(rev.parse().unwrap()).await {
-            Ok(r) => out.push(format!("compacted to {} at rev={}", r.compact_revision, r.revision)),
+            Ok(r) => out.push(format!(
+                "compacted to {} at rev={}",
+                r.compact_revision, r.revision
+            )),
             Err(e) => err(&mut out, e),
         },
         ["history"] => out.push(format!("versions={}", store.history_len())),
@@ -410,7 +415,11 @@ async fn run_file(path: &Path) {
     if rewrite {
         std::fs::write(path, rewritten.trim_end().to_string() + "\n").unwrap();
     } else if !failures.is_empty() {
-        panic!("{} block(s) differ:\n{}", failures.len(), failures.join("\n"));
+        panic!(
+            "{} block(s) differ:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     }
 }
 

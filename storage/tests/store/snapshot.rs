@@ -19,7 +19,11 @@ fn config(dir: &TestDir, name: &str, node: u64, router: &LocalRouter) -> StoreCo
 
 async fn everything(store: &Store, revision: i64) -> RangeResponse {
     store
-        .range(RangeRequest::new(KeyRange::prefix("")).revision(revision).serializable())
+        .range(
+            RangeRequest::new(KeyRange::prefix(""))
+                .revision(revision)
+                .serializable(),
+        )
         .await
         .unwrap()
 }
@@ -35,7 +39,10 @@ async fn joining_server_catches_up_from_a_snapshot_with_identical_ranges_and_rev
     for i in 0..1200 {
         let key = format!("/registry/things/ns{}/obj{}", i % 3, i % 150);
         if i % 11 == 10 {
-            leader.delete_range(DeleteRangeRequest::new(KeyRange::key(key))).await.unwrap();
+            leader
+                .delete_range(DeleteRangeRequest::new(KeyRange::key(key)))
+                .await
+                .unwrap();
         } else {
             let mut put = PutRequest::new(key, format!("value-{i}-{}", "x".repeat(i % 200)));
             if i % 50 == 0 {
@@ -87,7 +94,11 @@ async fn joining_server_catches_up_from_a_snapshot_with_identical_ranges_and_rev
     }
     assert_eq!(follower.leases(), leader.leases());
     let err = follower
-        .range(RangeRequest::new(KeyRange::prefix("")).revision(compact_to - 1).serializable())
+        .range(
+            RangeRequest::new(KeyRange::prefix(""))
+                .revision(compact_to - 1)
+                .serializable(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Compacted { .. }), "{err:?}");
@@ -97,7 +108,9 @@ async fn joining_server_catches_up_from_a_snapshot_with_identical_ranges_and_rev
         .watch(WatchRequest::new(KeyRange::prefix("/after/")))
         .unwrap();
     let r = leader.put(PutRequest::new("/after/x", "1")).await.unwrap();
-    let msg = tokio::time::timeout(Duration::from_secs(10), w.next()).await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .unwrap();
     match msg {
         Some(Ok(WatchMessage::Events(evs))) => assert_eq!(evs[0].kv.mod_revision, r.revision),
         other => panic!("unexpected {other:?}"),
@@ -112,7 +125,9 @@ async fn joining_server_catches_up_from_a_snapshot_with_identical_ranges_and_rev
     leader.shutdown().await;
 
     // The leader restarts from its snapshot plus the log after it.
-    let leader = Store::open(config(&dir, "a", 1, &LocalRouter::new())).await.unwrap();
+    let leader = Store::open(config(&dir, "a", 1, &LocalRouter::new()))
+        .await
+        .unwrap();
     assert_eq!(everything(&leader, 0).await, before);
     leader.shutdown().await;
 }

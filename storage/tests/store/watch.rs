@@ -52,7 +52,9 @@ async fn every_watcher_sees_each_event_once_in_order_without_gaps() {
     let progress = |r: WatchRequest| r.progress_notify(Duration::from_millis(200));
 
     // Started before any write; read concurrently.
-    let mut early = store.watch(progress(WatchRequest::new(prefix.clone()))).unwrap();
+    let mut early = store
+        .watch(progress(WatchRequest::new(prefix.clone())))
+        .unwrap();
     // Started before any write but not read until the end: falls behind by far more than its
     // channel holds, so it is moved back to catching up from the store.
     let mut slow = store
@@ -72,11 +74,22 @@ async fn every_watcher_sees_each_event_once_in_order_without_gaps() {
                             .await
                             .unwrap();
                         if r.deleted == 1 {
-                            acks.push(Seen { rev: r.revision, key, kind: EventKind::Delete });
+                            acks.push(Seen {
+                                rev: r.revision,
+                                key,
+                                kind: EventKind::Delete,
+                            });
                         }
                     } else {
-                        let r = store.put(PutRequest::new(key.clone(), format!("{i}"))).await.unwrap();
-                        acks.push(Seen { rev: r.revision, key, kind: EventKind::Put });
+                        let r = store
+                            .put(PutRequest::new(key.clone(), format!("{i}")))
+                            .await
+                            .unwrap();
+                        acks.push(Seen {
+                            rev: r.revision,
+                            key,
+                            kind: EventKind::Put,
+                        });
                     }
                 }
                 acks
@@ -170,7 +183,10 @@ async fn watch_from_a_compacted_revision_fails_with_compacted() {
     let dir = TestDir::new("watch-compacted");
     let store = open(&dir).await;
     for i in 0..20 {
-        store.put(PutRequest::new(format!("k{}", i % 3), "v")).await.unwrap();
+        store
+            .put(PutRequest::new(format!("k{}", i % 3), "v"))
+            .await
+            .unwrap();
     }
     // A watcher that has not read yet when history it needs is compacted away.
     let mut behind = store
@@ -190,12 +206,17 @@ async fn watch_from_a_compacted_revision_fails_with_compacted() {
         }
     );
     match behind.next().await {
-        Some(Err(Error::Compacted { compact_revision, .. })) => {
+        Some(Err(Error::Compacted {
+            compact_revision, ..
+        })) => {
             assert_eq!(compact_revision, compact_to)
         }
         other => panic!("expected Compacted, got {other:?}"),
     }
-    assert!(behind.next().await.is_none(), "the stream ends after the error");
+    assert!(
+        behind.next().await.is_none(),
+        "the stream ends after the error"
+    );
 
     // At the compact revision itself the watch works and replays what is left.
     let mut at = store
@@ -212,16 +233,25 @@ async fn progress_notifications_report_the_current_revision_when_idle() {
     let dir = TestDir::new("watch-progress");
     let store = open(&dir).await;
     let mut w = store
-        .watch(WatchRequest::new(KeyRange::prefix("mine/")).progress_notify(Duration::from_millis(100)))
+        .watch(
+            WatchRequest::new(KeyRange::prefix("mine/"))
+                .progress_notify(Duration::from_millis(100)),
+        )
         .unwrap();
     // Writes elsewhere advance the revision without events for this watcher.
     for i in 0..5 {
-        store.put(PutRequest::new(format!("other/{i}"), "v")).await.unwrap();
+        store
+            .put(PutRequest::new(format!("other/{i}"), "v"))
+            .await
+            .unwrap();
     }
     let current = store.current_revision();
     let mut got = BTreeMap::new();
     for _ in 0..20 {
-        match tokio::time::timeout(Duration::from_secs(10), w.next()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .unwrap()
+        {
             Some(Ok(WatchMessage::Progress { revision })) => {
                 got.insert("progress", revision);
                 if revision == current {

@@ -241,52 +241,67 @@ struct Footprint {
     writes: usize,
     keys: usize,
     disk_before: u64,
-    disk_after: u64,
+    /// On-disk size after each round of churn + compaction + snapshot.
+    disk_after: Vec<u64>,
     rss: u64,
     history_after: usize,
 }
 
-async fn footprint(writes: usize, keys: usize) -> Footprint {
+/// `rounds` times: `writes` puts of 1 KiB over `keys` keys, then compact everything and
+/// snapshot (which purges the raft log). Disk use must level off, not grow with each round.
+async fn footprint(writes: usize, keys: usize, rounds: usize) -> Footprint {
     let dir = bench_dir("footprint");
     let store = open(&dir).await;
     let value = bytes::Bytes::from(vec![0x42u8; 1024]);
     let writers = 64;
-    let tasks: Vec<_> = (0..writers)
-        .map(|w| {
-            let store = store.clone();
-            let value = value.clone();
-            tokio::spawn(async move {
-                for i in 0..writes / writers {
-                    let key = format!("/registry/churn/{}", (i * writers + w) % keys);
-                    store
-                        .put(PutRequest::new(key, value.clone()))
-                        .await
-                        .unwrap();
-                }
+    let mut disk_before = 0;
+    let mut disk_after = Vec::new();
+    for round in 0..rounds {
+        let tasks: Vec<_> = (0..writers)
+            .map(|w| {
+                let store = store.clone();
+                let value = value.clone();
+                tokio::spawn(async move {
+                    for i in 0..writes / writers {
+                        let key = format!("/registry/churn/{}", (i * writers + w) % keys);
+                        store
+                            .put(PutRequest::new(key, value.clone()))
+                            .await
+                            .unwrap();
+                    }
+                })
             })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    store.flush().await.unwrap();
-    let disk_before = store.disk_usage_bytes();
-    store.compact(store.current_revision()).await.unwrap();
-    store.snapshot().await.unwrap();
-    // Let sled reclaim segments freed by compaction and log purge.
-    for _ in 0..3 {
-        store
-            .put(PutRequest::new("/registry/tick", "x"))
-            .await
-            .unwrap();
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
         store.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        if round == 0 {
+            disk_before = store.disk_usage_bytes();
+        }
+        store.compact(store.current_revision()).await.unwrap();
+        store.snapshot().await.unwrap();
+        // Let sled reclaim segments freed by compaction and log purge.
+        for _ in 0..3 {
+            store
+                .put(PutRequest::new("/registry/tick", "x"))
+                .await
+                .unwrap();
+            store.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        disk_after.push(store.disk_usage_bytes());
     }
+    let rss_peak = rss_bytes();
+    // Freed heap that glibc keeps in its arenas is not the store's: give it back first.
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
+    eprintln!("rss before trim {}", mib(rss_peak));
     let f = Footprint {
         writes,
         keys,
         disk_before,
-        disk_after: store.disk_usage_bytes(),
+        disk_after,
         rss: rss_bytes(),
         history_after: store.history_len(),
     };
@@ -328,6 +343,19 @@ fn main() {
         .build()
         .unwrap();
     let q = quick();
+    if std::env::var_os("K3RS_BENCH_ONLY_FOOTPRINT").is_some() {
+        let f = rt.block_on(footprint(100_000, 10_000, 3));
+        let after: Vec<_> = f.disk_after.iter().map(|b| mib(*b)).collect();
+        println!(
+            "disk before {} after rounds {after:?} rss {}",
+            mib(f.disk_before),
+            mib(f.rss)
+        );
+        // SAFETY: glibc's malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
+        println!("rss after malloc_trim {}", mib(rss_bytes()));
+        return;
+    }
     if let Ok(n) = std::env::var("K3RS_BENCH_ONLY_PUTS") {
         // Profiling aid: one durable-put run with N writers.
         let writers: usize = n.parse().expect("K3RS_BENCH_ONLY_PUTS=<writers>");
@@ -409,14 +437,15 @@ fn main() {
     )
     .ok();
     eprintln!("footprint...");
-    let f = rt.block_on(footprint(if q { 10_000 } else { 100_000 }, 10_000));
+    let f = rt.block_on(footprint(if q { 10_000 } else { 100_000 }, 10_000, 3));
+    let after: Vec<_> = f.disk_after.iter().map(|b| mib(*b)).collect();
     writeln!(
         w,
-        "Footprint after {} puts of 1 KiB over {} keys: on disk {} before compaction, {} after compaction + snapshot ({} versions left in history); process RSS {} (sled cache capacity {}).",
+        "Footprint, {} puts of 1 KiB over {} keys per round: on disk {} after the first round before compaction; after each round's compaction + snapshot: {} ({} versions left in history); process RSS at the end {} (sled cache capacity {}).",
         f.writes,
         f.keys,
         mib(f.disk_before),
-        mib(f.disk_after),
+        after.join(", "),
         f.history_after,
         mib(f.rss),
         mib(DEFAULT_CACHE_CAPACITY)

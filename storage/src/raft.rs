@@ -88,6 +88,8 @@ pub(crate) struct Durable {
     /// disk's write cache nor the file's size, so each flush is followed by an fdatasync.
     data_file: std::fs::File,
     fsyncs: std::sync::atomic::AtomicU64,
+    /// Bytes appended to the raft log since the last purge (drives size-based snapshots).
+    pub log_bytes_since_purge: std::sync::atomic::AtomicU64,
 }
 
 impl Durable {
@@ -124,6 +126,7 @@ impl LogStore {
                 db: db.clone(),
                 data_file,
                 fsyncs: Default::default(),
+                log_bytes_since_purge: Default::default(),
             }),
         })
     }
@@ -225,11 +228,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Plain inserts in index order (a sled batch would force a synchronous write of its
         // own): a crash keeps a prefix, never a hole, and nothing is acknowledged before the
         // flush below.
+        let mut bytes = 0;
         for e in entries {
+            let raw = enc(&e);
+            bytes += raw.len() as u64;
             self.log
-                .insert(&index_key(e.log_id.index)[..], enc(&e))
+                .insert(&index_key(e.log_id.index)[..], raw)
                 .map_err(|e| StorageIOError::write_logs(&e))?;
         }
+        self.durable
+            .log_bytes_since_purge
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         // openraft 0.9 waits for this callback before its next log IO anyway, so flushing
         // here, on the raft core's thread, saves a thread hop.
         callback.log_io_completed(self.durable.sync());
@@ -254,6 +263,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.meta
             .insert(META_PURGED, enc(&log_id))
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        self.durable
+            .log_bytes_since_purge
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         // Oldest first, after recording the new purge point.
         let mut keys = Vec::new();
         for item in self.log.range(..=index_key(log_id.index)) {

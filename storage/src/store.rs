@@ -37,8 +37,11 @@ pub struct StoreConfig {
     pub max_request_bytes: usize,
     /// Keep at least this much history; `None` disables automatic compaction.
     pub compaction_window: Option<Duration>,
-    /// Build a raft snapshot (and purge the log before it) after this many log entries.
+    /// Build a raft snapshot (and purge the log before it) after this many log entries...
     pub snapshot_after_entries: u64,
+    /// ...or once the log since the last purge holds this many bytes (batch entries can be
+    /// large), so that the log's disk use stays bounded.
+    pub snapshot_after_log_bytes: u64,
     /// How often the leader looks for expired leases.
     pub lease_check_interval: Duration,
     /// Time source for lease deadlines.
@@ -77,6 +80,7 @@ impl StoreConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             compaction_window: Some(DEFAULT_COMPACTION_WINDOW),
             snapshot_after_entries: 10_000,
+            snapshot_after_log_bytes: 64 << 20,
             lease_check_interval: Duration::from_millis(500),
             clock: Arc::new(SystemClock::default()),
             router: None,
@@ -311,6 +315,10 @@ impl Store {
         if let Some(window) = cfg.compaction_window {
             tasks.push(tokio::spawn(compaction_loop(weak.clone(), window)));
         }
+        tasks.push(tokio::spawn(log_size_loop(
+            weak.clone(),
+            cfg.snapshot_after_log_bytes,
+        )));
         tasks.push(tokio::spawn(leadership_loop(weak)));
         Ok(())
     }
@@ -821,6 +829,35 @@ async fn compaction_loop(inner: Weak<Inner>, window: Duration) {
                 Err(e) => tracing::warn!(error = %e, "periodic compaction failed"),
             },
             Err(e) => tracing::warn!(error = %e, "periodic compaction failed"),
+        }
+    }
+}
+
+/// Triggers a snapshot when the raft log grew past `limit` bytes since the last purge.
+async fn log_size_loop(inner: Weak<Inner>, limit: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let bytes = inner
+            .durable
+            .log_bytes_since_purge
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if bytes >= limit {
+            tracing::debug!(bytes, "raft log is large: snapshot");
+            let before = inner.raft.metrics().borrow().snapshot;
+            let _ = inner.raft.trigger().snapshot().await;
+            // Do not re-trigger before the snapshot happened.
+            let _ = inner
+                .raft
+                .wait(Some(Duration::from_secs(60)))
+                .metrics(|m| m.snapshot != before, "snapshot")
+                .await;
+            inner
+                .durable
+                .log_bytes_since_purge
+                .store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

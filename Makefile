@@ -1,0 +1,37 @@
+# k3rs — see README.md. Every target installs or builds what it needs.
+
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+# Where `make run` keeps its data (a single-node cluster in the repository's .run/ directory).
+RUN_DIR ?= $(CURDIR)/.run
+
+.PHONY: all deps build run test bench lint fmt clean
+
+all: build
+
+deps:
+	@./scripts/deps.sh
+
+build: deps
+	$(CARGO) build --release --bin k3rs
+
+run: build
+	@mkdir -p $(RUN_DIR)
+	./target/release/k3rs server --data-dir $(RUN_DIR)/data --write-kubeconfig $(RUN_DIR)/kubeconfig.yaml
+
+test: deps lint
+	$(CARGO) test --workspace -- --test-threads=2
+
+bench: deps
+	$(CARGO) bench -p k3rs-storage
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(RUN_DIR)

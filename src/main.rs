@@ -1,11 +1,20 @@
 //! The `k3rs` binary: command line and process wiring.
 
-use clap::{Parser, Subcommand};
+mod api;
+mod config;
+mod kubeconfig;
+mod pki;
+mod server;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// k3rs: a lightweight, all-in-one Kubernetes distribution.
 #[derive(Debug, Parser)]
 #[command(name = "k3rs", version, about, long_about = None)]
 struct Cli {
+    /// Log more (debug level).
+    #[arg(long, global = true, env = "K3RS_DEBUG")]
+    debug: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -13,14 +22,87 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a server (API server, controllers, scheduler, embedded store and agent).
-    Server,
+    Server(config::ServerArgs),
+    /// Run the installed kubectl with the server's admin kubeconfig.
+    Kubectl {
+        /// Arguments for kubectl.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Server => {
-            anyhow::bail!("`k3rs server` is not built yet: the API server lands with issue #3")
-        }
+/// The machine architecture as Kubernetes names it.
+pub fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        other => other,
     }
+}
+
+fn init_logging(debug: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("K3RS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if debug {
+            "debug,hyper=info,h2=info,rustls=info,openraft=info,sled=info"
+        } else {
+            "info,openraft=warn,sled=warn"
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Bounds glibc's malloc arenas: with many threads, freed memory otherwise stays mapped
+/// per arena (see BENCHMARKS.md).
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+fn main() {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_logging(cli.debug);
+    let result = match cli.command {
+        Command::Server(_) => {
+            let sub = matches
+                .subcommand_matches("server")
+                .expect("server subcommand matched");
+            tune_allocator();
+            match config::ServerArgs::resolve(sub) {
+                Ok(cfg) => tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(server::run(cfg))),
+                Err(e) => Err(e),
+            }
+        }
+        Command::Kubectl { args } => kubectl(args),
+    };
+    if let Err(e) = result {
+        eprintln!("k3rs: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// `k3rs kubectl …`: execs kubectl with the admin kubeconfig (unless KUBECONFIG is set).
+fn kubectl(args: Vec<String>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("kubectl");
+    if std::env::var_os("KUBECONFIG").is_none() {
+        let path = std::env::var("K3RS_KUBECONFIG_OUTPUT")
+            .unwrap_or_else(|_| config::DEFAULT_KUBECONFIG.into());
+        cmd.env("KUBECONFIG", path);
+    }
+    let err = cmd.args(args).exec();
+    anyhow::bail!("running kubectl: {err} (is kubectl installed and on PATH?)")
 }

@@ -1,0 +1,1187 @@
+//! The registry logic of every resource: create, get, list, update, patch, delete and
+//! deletecollection on the store, with upstream semantics (resourceVersion and conflicts,
+//! generateName, uid, creationTimestamp, generation, finalizers and deletionTimestamp, status
+//! subresources, dryRun, fieldValidation, defaulting and validation, namespace lifecycle).
+
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use k3rs_storage::{
+    Compare, DeleteRangeRequest, KeyRange, KeyValue, PutRequest, RangeRequest, TxnOp, TxnRequest,
+};
+use serde_json::{json, Map, Value};
+
+use crate::api::request::{FieldValidation, Query};
+use crate::api::resources::ResourceDef;
+use crate::api::selectors::{supported_fields, FieldSelector, LabelSelector};
+use crate::api::status::{ApiError, ApiResult, Cause};
+use crate::api::{defaults, validation, ApiState, User};
+
+/// Largest accepted request body (upstream's limit is 3 MiB).
+pub const MAX_BODY_BYTES: usize = 3 << 20;
+
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+pub fn new_uid() -> String {
+    let b: [u8; 16] = rand::random();
+    let mut b = b;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Five characters from upstream's alphabet for generated names.
+pub fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Read an object from its stored bytes, stamping the resourceVersion and served version.
+pub fn decode_stored(def: &ResourceDef, kv: &KeyValue) -> ApiResult<Value> {
+    let mut v: Value = serde_json::from_slice(&kv.value).map_err(|e| {
+        ApiError::internal(format!(
+            "stored object {:?} is not JSON: {e}",
+            String::from_utf8_lossy(&kv.key)
+        ))
+    })?;
+    stamp(def, &mut v, kv.mod_revision);
+    Ok(v)
+}
+
+pub fn stamp(def: &ResourceDef, v: &mut Value, rev: i64) {
+    if let Some(m) = v.as_object_mut() {
+        m.insert("apiVersion".into(), json!(def.api_version()));
+        m.insert("kind".into(), json!(def.kind));
+        let md = m.entry("metadata").or_insert_with(|| json!({}));
+        if let Some(md) = md.as_object_mut() {
+            md.insert("resourceVersion".into(), json!(rev.to_string()));
+        }
+    }
+}
+
+fn encode_for_store(v: &Value) -> Vec<u8> {
+    let mut v = v.clone();
+    if let Some(md) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        md.remove("resourceVersion");
+        md.remove("selfLink");
+    }
+    serde_json::to_vec(&v).expect("serializing JSON to memory cannot fail")
+}
+
+fn meta_str<'a>(v: &'a Value, field: &str) -> &'a str {
+    v.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+fn meta_mut(v: &mut Value) -> &mut Map<String, Value> {
+    if !v.get("metadata").is_some_and(Value::is_object) {
+        v.as_object_mut()
+            .expect("objects are JSON objects")
+            .insert("metadata".into(), json!({}));
+    }
+    v["metadata"]
+        .as_object_mut()
+        .expect("just made metadata an object")
+}
+
+pub fn parse_rv(s: &str) -> ApiResult<i64> {
+    s.parse::<i64>()
+        .ok()
+        .filter(|r| *r >= 0)
+        .ok_or_else(|| ApiError::bad_request(format!("invalid resource version: {s:?}")))
+}
+
+/// Checks `apiVersion`/`kind` of a request body against the endpoint (filling them in when
+/// absent, as upstream's decoder does).
+fn check_kind(def: &ResourceDef, obj: &mut Value) -> ApiResult<()> {
+    let Some(m) = obj.as_object_mut() else {
+        return Err(ApiError::bad_request(format!(
+            "the body of the request must be a JSON object, got {}",
+            json_kind(obj)
+        )));
+    };
+    let want = def.api_version();
+    match m.get("apiVersion").and_then(Value::as_str) {
+        None | Some("") => {
+            m.insert("apiVersion".into(), json!(want));
+        }
+        Some(v) if v == want => {}
+        Some(v) => {
+            // Custom resources may be written in any served version of the same group.
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({want})"
+            )));
+        }
+    }
+    match m.get("kind").and_then(Value::as_str) {
+        None | Some("") => {
+            m.insert("kind".into(), json!(def.kind));
+        }
+        Some(k) if k == def.kind => {}
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                def.kind
+            )))
+        }
+    }
+    if !m
+        .get("metadata")
+        .is_none_or(|md| md.is_object() || md.is_null())
+    {
+        return Err(ApiError::bad_request(
+            "metadata must be an object".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// What the write pipeline needs to know about the request.
+pub struct WriteOpts {
+    pub dry_run: bool,
+    pub field_validation: FieldValidation,
+    pub field_manager: String,
+    pub operation: &'static str,
+}
+
+impl WriteOpts {
+    pub fn from_query(
+        q: &Query,
+        default_manager: &str,
+        operation: &'static str,
+    ) -> ApiResult<WriteOpts> {
+        Ok(WriteOpts {
+            dry_run: q.dry_run()?,
+            field_validation: q.field_validation()?,
+            field_manager: q.field_manager().unwrap_or(default_manager).to_string(),
+            operation,
+        })
+    }
+}
+
+/// Checks unknown fields and types; returns warnings. Unknown fields are dropped (Warn,
+/// Ignore) or refused (Strict).
+fn check_fields(
+    st: &ApiState,
+    def: &ResourceDef,
+    obj: &mut Value,
+    fv: FieldValidation,
+) -> ApiResult<Vec<String>> {
+    let unknown = st.schemas.prune_unknown(def, obj);
+    let mut warnings = Vec::new();
+    if !unknown.is_empty() {
+        let msgs: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field \"{f}\""))
+            .collect();
+        match fv {
+            FieldValidation::Strict => {
+                return Err(ApiError::bad_request(format!(
+                    "strict decoding error: {}",
+                    msgs.join(", ")
+                )))
+            }
+            FieldValidation::Warn => warnings.extend(msgs),
+            FieldValidation::Ignore => {}
+        }
+    }
+    if let Some(check) = def.type_check {
+        if let Err(e) = check(obj) {
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"{v}\" cannot be handled as a {kind}: {e}",
+                kind = def.kind,
+                v = def.version
+            )));
+        }
+    }
+    Ok(warnings)
+}
+
+fn kind_causes(def: &ResourceDef, obj: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    validation::validate_metadata(
+        obj,
+        validation::name_rule(&def.group, &def.kind),
+        def.namespaced,
+        &mut causes,
+    );
+    validation::validate_kind(&def.group, &def.kind, obj, &mut causes);
+    if def.group == "apiextensions.k8s.io" && def.kind == "CustomResourceDefinition" {
+        causes.extend(crate::api::crd::validate_crd(obj));
+    }
+    causes
+}
+
+/// Kinds whose status a create may not set (upstream's strategies reset it).
+fn resets_status_on_create(def: &ResourceDef) -> bool {
+    def.has_status()
+        && !matches!(
+            (def.group.as_str(), def.kind.as_str()),
+            ("", "Node")
+                | ("", "Namespace")
+                | ("", "PersistentVolume")
+                | ("", "PersistentVolumeClaim")
+        )
+}
+
+/// Kinds that track `metadata.generation`.
+fn has_generation(obj: &Value) -> bool {
+    obj.get("spec").is_some()
+}
+
+/// The part of an object that bumps `generation` when it changes.
+fn generation_relevant(obj: &Value) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    v
+}
+
+/// Records the writer in `metadata.managedFields` (Update operations; server-side apply sets
+/// its own entries).
+fn record_manager(obj: &mut Value, opts: &WriteOpts, api_version: &str, old: Option<&Value>) {
+    if opts.operation == "Apply" {
+        return;
+    }
+    let entries: Vec<Value> = old
+        .and_then(|o| o.pointer("/metadata/managedFields"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(md) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.remove("managedFields");
+        }
+        v
+    };
+    let old_s = old.map(strip);
+    let new_s = strip(obj);
+    let entries = crate::api::managed::update_ownership(
+        &entries,
+        &opts.field_manager,
+        api_version,
+        old_s.as_ref(),
+        &new_s,
+        &now_rfc3339(),
+    );
+    meta_mut(obj).insert("managedFields".into(), Value::Array(entries));
+}
+
+/// Namespace lifecycle admission: the namespace must exist and not be terminating.
+async fn check_namespace(st: &ApiState, def: &ResourceDef, ns: &str) -> ApiResult<()> {
+    if !def.namespaced {
+        return Ok(());
+    }
+    let key = format!("/registry/core/namespaces/{ns}");
+    let kv = st.store.get(key).await?;
+    match kv {
+        None => Err(ApiError::not_found("", "namespaces", ns)),
+        Some(kv) => {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            if v.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating") {
+                let mut e = ApiError::forbidden(format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    def.qualified(),
+                    ""
+                ));
+                e.reason = "Forbidden".into();
+                e.message = format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                );
+                Err(e)
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// POST: creates an object. Returns it with its resourceVersion, and warnings.
+pub async fn create(
+    st: &ApiState,
+    def: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    mut obj: Value,
+    opts: &WriteOpts,
+    _user: &User,
+) -> ApiResult<(Value, Vec<String>)> {
+    check_kind(def, &mut obj)?;
+    {
+        let md = meta_mut(&mut obj);
+        if def.namespaced {
+            let url_ns = ns.unwrap_or_default();
+            match md.get("namespace").and_then(Value::as_str) {
+                Some(n) if !n.is_empty() && n != url_ns => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ))
+                }
+                _ => {
+                    md.insert("namespace".into(), json!(url_ns));
+                }
+            }
+        } else {
+            md.remove("namespace");
+        }
+        // Fields only the server sets.
+        for f in [
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+        ] {
+            md.remove(f);
+        }
+    }
+    let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
+    defaults::apply(&def.group, &def.kind, &mut obj);
+    if resets_status_on_create(def) {
+        if let Some(m) = obj.as_object_mut() {
+            m.remove("status");
+        }
+        defaults_after_status_reset(def, &mut obj);
+    }
+    let generate = meta_str(&obj, "generateName").to_string();
+    if meta_str(&obj, "name").is_empty() && !generate.is_empty() {
+        meta_mut(&mut obj).insert(
+            "name".into(),
+            json!(format!("{generate}{}", random_suffix())),
+        );
+    }
+    let causes = kind_causes(def, &obj);
+    if !causes.is_empty() {
+        let name = meta_str(&obj, "name").to_string();
+        return Err(ApiError::invalid(&def.group, &def.kind, &name, causes));
+    }
+    if let Some(crd) = &def.crd {
+        crate::api::crd::validate_custom(def, crd, &obj)?;
+    }
+    check_namespace(st, def, ns.unwrap_or_default()).await?;
+    {
+        let md = meta_mut(&mut obj);
+        md.insert("uid".into(), json!(new_uid()));
+        md.insert("creationTimestamp".into(), json!(now_rfc3339()));
+    }
+    if has_generation(&obj) {
+        meta_mut(&mut obj).insert("generation".into(), json!(1));
+    }
+    record_manager(&mut obj, opts, &def.api_version(), None);
+    let name = meta_str(&obj, "name").to_string();
+    if opts.dry_run {
+        let exists = st.store.get(def.key(ns, &name)).await?.is_some();
+        if exists {
+            return Err(ApiError::already_exists(&def.group, &def.plural, &name));
+        }
+        return Ok((obj, warnings));
+    }
+    // Generated names retry on collision, as upstream.
+    for attempt in 0..8 {
+        let name = meta_str(&obj, "name").to_string();
+        let key = def.key(ns, &name);
+        let bytes = encode_for_store(&obj);
+        let resp = st
+            .store
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::absent(key.clone())])
+                    .and_then([TxnOp::Put(PutRequest::new(key.clone(), bytes))]),
+            )
+            .await?;
+        if resp.succeeded {
+            stamp(def, &mut obj, resp.revision);
+            return Ok((obj, warnings));
+        }
+        if generate.is_empty() || attempt == 7 {
+            return Err(ApiError::already_exists(&def.group, &def.plural, &name));
+        }
+        meta_mut(&mut obj).insert(
+            "name".into(),
+            json!(format!("{generate}{}", random_suffix())),
+        );
+    }
+    unreachable_generate()
+}
+
+fn unreachable_generate() -> ApiResult<(Value, Vec<String>)> {
+    Err(ApiError::internal("could not generate a unique name"))
+}
+
+/// Status fields some kinds start with (after a create reset the rest).
+fn defaults_after_status_reset(def: &ResourceDef, obj: &mut Value) {
+    if let ("", "Pod") = (def.group.as_str(), def.kind.as_str()) {
+        obj["status"] = json!({"phase": "Pending", "qosClass": crate::api::pods::qos_class(obj)});
+    }
+}
+
+/// GET one object.
+pub async fn get(
+    st: &ApiState,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+) -> ApiResult<Value> {
+    let kv = st
+        .store
+        .get(def.key(ns, name))
+        .await?
+        .ok_or_else(|| ApiError::not_found(&def.group, &def.plural, name))?;
+    decode_stored(def, &kv)
+}
+
+async fn get_kv(
+    st: &ApiState,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+) -> ApiResult<(Value, i64)> {
+    let kv = st
+        .store
+        .get(def.key(ns, name))
+        .await?
+        .ok_or_else(|| ApiError::not_found(&def.group, &def.plural, name))?;
+    let rev = kv.mod_revision;
+    Ok((decode_stored(def, &kv)?, rev))
+}
+
+/// What an update may change: the whole object, only its status, or (scale) only replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Status,
+}
+
+/// Merges a requested new version with the current one according to the part written, and
+/// copies the fields only the server sets.
+fn merge_update(def: &ResourceDef, part: Part, old: &Value, new: &mut Value) {
+    match part {
+        Part::Main => {
+            if def.has_status() {
+                match old.get("status") {
+                    Some(s) => new["status"] = s.clone(),
+                    None => {
+                        if let Some(m) = new.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+            }
+        }
+        Part::Status => {
+            let status = new.get("status").cloned();
+            let mut merged = old.clone();
+            match status {
+                Some(s) => merged["status"] = s,
+                None => {
+                    if let Some(m) = merged.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            // A status update may still change labels and annotations? Upstream keeps
+            // metadata as it was, except for managedFields.
+            *new = merged;
+        }
+    }
+    let om = old.get("metadata").cloned().unwrap_or(json!({}));
+    let md = meta_mut(new);
+    for f in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "namespace",
+        "generation",
+    ] {
+        match om.get(f) {
+            Some(v) => {
+                md.insert(f.into(), v.clone());
+            }
+            None => {
+                md.remove(f);
+            }
+        }
+    }
+    if md.get("generateName").is_none() {
+        if let Some(g) = om.get("generateName") {
+            md.insert("generateName".into(), g.clone());
+        }
+    }
+}
+
+/// PUT (and the write half of PATCH): replaces an object, honouring an optional
+/// resourceVersion precondition in the body and `expected_rev` (the revision a patch read).
+#[allow(clippy::too_many_arguments)]
+pub async fn update(
+    st: &ApiState,
+    def: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    mut obj: Value,
+    part: Part,
+    opts: &WriteOpts,
+    base: Option<(Value, i64)>,
+) -> ApiResult<(Value, Vec<String>)> {
+    check_kind(def, &mut obj)?;
+    let body_name = meta_str(&obj, "name").to_string();
+    if !body_name.is_empty() && body_name != name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    if def.namespaced {
+        let body_ns = meta_str(&obj, "namespace").to_string();
+        if !body_ns.is_empty() && Some(body_ns.as_str()) != ns {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+    }
+    let precondition = match meta_str(&obj, "resourceVersion") {
+        "" => None,
+        rv => Some(parse_rv(rv)?),
+    };
+    let (old, old_rev) = match base {
+        Some(b) => b,
+        None => get_kv(st, def, ns, name).await?,
+    };
+    if let Some(p) = precondition {
+        if p != old_rev {
+            return Err(ApiError::stale(&def.group, &def.plural, name));
+        }
+    }
+    meta_mut(&mut obj).insert("name".into(), json!(name));
+    let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
+    merge_update(def, part, &old, &mut obj);
+    defaults::apply(&def.group, &def.kind, &mut obj);
+    if has_generation(&obj) && part == Part::Main {
+        let g = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        let bump = generation_relevant(&old) != generation_relevant(&obj);
+        meta_mut(&mut obj).insert(
+            "generation".into(),
+            json!(if bump { g + 1 } else { g.max(1) }),
+        );
+    }
+    let mut causes = kind_causes(def, &obj);
+    validation::validate_update(&def.group, &def.kind, &old, &obj, &mut causes);
+    if old.pointer("/metadata/deletionTimestamp").is_some() {
+        // Finalizers may only be removed from an object being deleted.
+        let of: Vec<Value> = old
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let nf: Vec<Value> = obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if nf.iter().any(|f| !of.contains(f)) {
+            causes.push(Cause::forbidden(
+                "metadata.finalizers",
+                "no new finalizers can be added if the object is being deleted",
+            ));
+        }
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(&def.group, &def.kind, name, causes));
+    }
+    if let Some(crd) = &def.crd {
+        crate::api::crd::validate_custom(def, crd, &obj)?;
+    }
+    // A write that changes nothing is not written (and keeps its resourceVersion).
+    let mut cmp_old = old.clone();
+    let mut cmp_new = obj.clone();
+    for v in [&mut cmp_old, &mut cmp_new] {
+        if let Some(md) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.remove("managedFields");
+            md.remove("resourceVersion");
+        }
+    }
+    if cmp_old == cmp_new {
+        return Ok((old, warnings));
+    }
+    record_manager(&mut obj, opts, &def.api_version(), Some(&old));
+    if opts.dry_run {
+        stamp(def, &mut obj, old_rev);
+        return Ok((obj, warnings));
+    }
+    let key = def.key(ns, name);
+    let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
+        && obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(|f| f.is_empty());
+    let op = if finalized {
+        TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(key.clone())))
+    } else {
+        TxnOp::Put(PutRequest::new(key.clone(), encode_for_store(&obj)))
+    };
+    let resp = st
+        .store
+        .txn(
+            TxnRequest::new()
+                .when([Compare::mod_revision_is(key, old_rev)])
+                .and_then([op]),
+        )
+        .await?;
+    if !resp.succeeded {
+        return Err(ApiError::stale(&def.group, &def.plural, name));
+    }
+    stamp(def, &mut obj, resp.revision);
+    Ok((obj, warnings))
+}
+
+/// Runs `f` on the current object and writes the result, retrying when a concurrent writer got
+/// there first (upstream's GuaranteedUpdate). `f` may fail with an API error.
+pub async fn guaranteed_update<F>(
+    st: &ApiState,
+    def: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    part: Part,
+    opts: &WriteOpts,
+    mut f: F,
+) -> ApiResult<(Value, Vec<String>)>
+where
+    F: FnMut(&Value) -> ApiResult<Value>,
+{
+    let mut last = None;
+    for _ in 0..8 {
+        let (cur, rev) = get_kv(st, def, ns, name).await?;
+        let new = f(&cur)?;
+        // A resourceVersion the caller put into the patch is a precondition; the one we read
+        // is not (it is compared through `base`).
+        match update(st, def, ns, name, new, part, opts, Some((cur, rev))).await {
+            Err(e) if e.code == 409 && e.reason == "Conflict" => {
+                last = Some(e);
+                continue;
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or_else(|| ApiError::internal("update retries exhausted")))
+}
+
+/// Options of a delete, from the query and an optional DeleteOptions body.
+#[derive(Debug, Default, Clone)]
+pub struct DeleteOpts {
+    pub dry_run: bool,
+    pub grace_period: Option<i64>,
+    pub propagation: Option<String>,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+}
+
+impl DeleteOpts {
+    pub fn parse(q: &Query, body: &[u8]) -> ApiResult<DeleteOpts> {
+        let mut o = DeleteOpts {
+            dry_run: q.dry_run()?,
+            grace_period: q.int("gracePeriodSeconds")?,
+            propagation: q.get("propagationPolicy").map(str::to_string),
+            ..Default::default()
+        };
+        if !body.iter().all(u8::is_ascii_whitespace) {
+            let b: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?;
+            if let Some(g) = b["gracePeriodSeconds"].as_i64() {
+                o.grace_period = Some(g);
+            }
+            if let Some(p) = b["propagationPolicy"].as_str() {
+                o.propagation = Some(p.to_string());
+            }
+            if let Some(u) = b.pointer("/preconditions/uid").and_then(Value::as_str) {
+                o.precondition_uid = Some(u.to_string());
+            }
+            if let Some(r) = b
+                .pointer("/preconditions/resourceVersion")
+                .and_then(Value::as_str)
+            {
+                o.precondition_rv = Some(r.to_string());
+            }
+            if b["dryRun"].as_array().is_some_and(|a| !a.is_empty()) {
+                o.dry_run = true;
+            }
+        }
+        if let Some(p) = &o.propagation {
+            if !matches!(p.as_str(), "Orphan" | "Background" | "Foreground") {
+                return Err(ApiError::invalid(
+                    "",
+                    "DeleteOptions",
+                    "",
+                    vec![Cause::not_supported(
+                        "propagationPolicy",
+                        &json!(p),
+                        &["Foreground", "Background", "Orphan"],
+                    )],
+                ));
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// DELETE one object. Objects with finalizers (or a foreground/orphan propagation, recorded
+/// as upstream does for the garbage collector) are only marked; the rest are removed.
+pub async fn delete(
+    st: &ApiState,
+    def: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    name: &str,
+    opts: &DeleteOpts,
+) -> ApiResult<Value> {
+    for _ in 0..8 {
+        let (mut obj, rev) = get_kv(st, def, ns, name).await?;
+        if let Some(uid) = &opts.precondition_uid {
+            if meta_str(&obj, "uid") != uid {
+                return Err(ApiError::conflict(
+                    &def.group,
+                    &def.plural,
+                    name,
+                    &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta_str(&obj, "uid")
+                    ),
+                ));
+            }
+        }
+        if let Some(prv) = &opts.precondition_rv {
+            if *prv != rev.to_string() {
+                return Err(ApiError::conflict(
+                    &def.group,
+                    &def.plural,
+                    name,
+                    &format!("Precondition failed: ResourceVersion in precondition: {prv}, ResourceVersion in object meta: {rev}"),
+                ));
+            }
+        }
+        let mut finalizers: Vec<Value> = obj
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        match opts.propagation.as_deref() {
+            Some("Foreground") if !finalizers.contains(&json!("foregroundDeletion")) => {
+                finalizers.push(json!("foregroundDeletion"))
+            }
+            Some("Orphan") if !finalizers.contains(&json!("orphan")) => {
+                finalizers.push(json!("orphan"))
+            }
+            _ => {}
+        }
+        let is_namespace = def.group.is_empty() && def.kind == "Namespace";
+        let graceful_pod = def.group.is_empty()
+            && def.kind == "Pod"
+            && obj
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty())
+            && opts.grace_period.unwrap_or_else(|| {
+                obj.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(30)
+            }) > 0;
+        let key = def.key(ns, name);
+        if finalizers.is_empty() && !is_namespace && !graceful_pod {
+            if opts.dry_run {
+                return Ok(obj);
+            }
+            let resp = st
+                .store
+                .txn(
+                    TxnRequest::new()
+                        .when([Compare::mod_revision_is(key.clone(), rev)])
+                        .and_then([TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(
+                            key,
+                        )))]),
+                )
+                .await?;
+            if !resp.succeeded {
+                continue;
+            }
+            return Ok(obj);
+        }
+        // Mark for deletion.
+        if obj.pointer("/metadata/deletionTimestamp").is_none() {
+            let md = meta_mut(&mut obj);
+            md.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+            let grace = if graceful_pod {
+                opts.grace_period.unwrap_or_else(|| {
+                    obj.pointer("/spec/terminationGracePeriodSeconds")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(30)
+                })
+            } else {
+                0
+            };
+            meta_mut(&mut obj).insert("deletionGracePeriodSeconds".into(), json!(grace));
+        }
+        meta_mut(&mut obj).insert("finalizers".into(), Value::Array(finalizers.clone()));
+        if finalizers.is_empty() {
+            meta_mut(&mut obj).remove("finalizers");
+        }
+        if is_namespace {
+            obj["status"]["phase"] = json!("Terminating");
+        }
+        if opts.dry_run {
+            return Ok(obj);
+        }
+        let resp = st
+            .store
+            .txn(
+                TxnRequest::new()
+                    .when([Compare::mod_revision_is(key.clone(), rev)])
+                    .and_then([TxnOp::Put(PutRequest::new(key, encode_for_store(&obj)))]),
+            )
+            .await?;
+        if !resp.succeeded {
+            continue;
+        }
+        stamp(def, &mut obj, resp.revision);
+        if is_namespace {
+            st.namespace_deleted(name);
+        }
+        return Ok(obj);
+    }
+    Err(ApiError::stale(&def.group, &def.plural, name))
+}
+
+/// Parsed list options.
+pub struct ListOpts {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    pub limit: usize,
+    pub continue_token: Option<String>,
+    pub resource_version: Option<String>,
+    pub rv_match: Option<String>,
+}
+
+impl ListOpts {
+    pub fn parse(def: &ResourceDef, q: &Query) -> ApiResult<ListOpts> {
+        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or_default())?;
+        let fields = FieldSelector::parse(
+            q.get("fieldSelector").unwrap_or_default(),
+            &if def.crd.is_some() {
+                vec!["metadata.name", "metadata.namespace"]
+            } else {
+                supported_fields(&def.group, &def.kind)
+            },
+        )?;
+        let limit = q.int("limit")?.unwrap_or(0).max(0) as usize;
+        Ok(ListOpts {
+            labels,
+            fields,
+            limit,
+            continue_token: q
+                .get("continue")
+                .filter(|c| !c.is_empty())
+                .map(str::to_string),
+            resource_version: q.get("resourceVersion").map(str::to_string),
+            rv_match: q.get("resourceVersionMatch").map(str::to_string),
+        })
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches_object(obj) && self.fields.matches(obj)
+    }
+}
+
+const CONTINUE_EXPIRED: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
+
+fn encode_continue(rv: i64, start: &str) -> String {
+    let t = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": start});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t.to_string())
+}
+
+fn decode_continue(token: &str) -> ApiResult<(i64, String)> {
+    let bad = || ApiError::bad_request(format!("continue key is not valid: {token:?}"));
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let rv = v["rv"].as_i64().ok_or_else(bad)?;
+    let start = v["start"].as_str().ok_or_else(bad)?.to_string();
+    if start.contains("..") || start.starts_with('/') {
+        return Err(bad());
+    }
+    Ok((rv, start))
+}
+
+/// The result of a list.
+pub struct ListResult {
+    pub items: Vec<Value>,
+    pub revision: i64,
+    pub continue_token: Option<String>,
+    pub remaining: Option<i64>,
+}
+
+/// LIST: one page over one consistent snapshot, filtered by selectors.
+pub async fn list(
+    st: &ApiState,
+    def: &ResourceDef,
+    ns: Option<&str>,
+    opts: &ListOpts,
+) -> ApiResult<ListResult> {
+    let prefix = def.key_prefix(ns);
+    let (mut revision, mut start) = match &opts.continue_token {
+        Some(t) => {
+            let (rv, start) = decode_continue(t)?;
+            (rv, format!("{prefix}{start}"))
+        }
+        None => (0, prefix.clone()),
+    };
+    let mut serializable = false;
+    if opts.continue_token.is_none() {
+        match opts.resource_version.as_deref() {
+            None | Some("") => {}
+            Some("0") => serializable = true,
+            Some(rv) => {
+                let rv = parse_rv(rv)?;
+                if opts.rv_match.as_deref() == Some("Exact") {
+                    revision = rv;
+                } else {
+                    // NotOlderThan: the current state is never older.
+                    serializable = true;
+                    if st.store.current_revision() < rv {
+                        return Err(ApiError::timeout(format!(
+                            "Too large resource version: {rv}, current: {}",
+                            st.store.current_revision()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    let end = k3rs_storage::prefix_end(prefix.as_bytes());
+    let mut items = Vec::new();
+    let chunk = if opts.limit == 0 {
+        0
+    } else {
+        opts.limit.max(64)
+    };
+    let filtering = !opts.labels.is_empty() || !opts.fields.is_empty();
+    let mut next_start: Option<String> = None;
+    let mut remaining = None;
+    // Single-object fast path (kubectl get -w with a name uses a field selector).
+    if let (Some(name), None) = (opts.fields.single_name(), &opts.continue_token) {
+        let key = def.key(ns, name);
+        let mut req = RangeRequest::new(KeyRange::key(key)).revision(revision);
+        req.serializable = serializable;
+        let resp = st
+            .store
+            .range(req)
+            .await
+            .map_err(|e| continue_err(e, &opts.continue_token))?;
+        for kv in &resp.kvs {
+            let obj = decode_stored(def, kv)?;
+            if opts.matches(&obj) {
+                items.push(obj);
+            }
+        }
+        return Ok(ListResult {
+            items,
+            revision: resp.revision,
+            continue_token: None,
+            remaining: None,
+        });
+    }
+    loop {
+        let mut req = RangeRequest::new(KeyRange::interval(start.clone(), end.clone()))
+            .revision(revision)
+            .limit(chunk);
+        req.serializable = serializable;
+        let resp = st
+            .store
+            .range(req)
+            .await
+            .map_err(|e| continue_err(e, &opts.continue_token))?;
+        revision = resp.revision;
+        let mut last_key = None;
+        for kv in &resp.kvs {
+            last_key = Some(kv.key.clone());
+            let obj = decode_stored(def, kv)?;
+            if opts.matches(&obj) {
+                items.push(obj);
+                if opts.limit != 0 && items.len() >= opts.limit {
+                    break;
+                }
+            }
+        }
+        let full = opts.limit != 0 && items.len() >= opts.limit;
+        if full {
+            let lk = last_key.clone().expect("a full page read at least one key");
+            let scanned_all = resp.kvs.last().map(|k| &k.key) == Some(&lk);
+            let more_in_store = resp.more || !scanned_all;
+            if more_in_store {
+                let rel = String::from_utf8_lossy(&lk[prefix.len()..]).into_owned();
+                next_start = Some(format!("{rel}\u{0}"));
+                if !filtering {
+                    let counted = resp.count as i64;
+                    let returned_here = resp
+                        .kvs
+                        .iter()
+                        .position(|k| k.key == lk)
+                        .map_or(0, |p| p as i64 + 1);
+                    remaining = Some(counted - returned_here);
+                }
+            }
+            break;
+        }
+        if !resp.more {
+            break;
+        }
+        let lk = resp.kvs.last().expect("more implies keys").key.clone();
+        let mut next = lk.to_vec();
+        next.push(0);
+        start = String::from_utf8_lossy(&next).into_owned();
+    }
+    Ok(ListResult {
+        items,
+        revision,
+        continue_token: next_start.map(|s| encode_continue(revision, &s)),
+        remaining,
+    })
+}
+
+fn continue_err(e: k3rs_storage::Error, token: &Option<String>) -> ApiError {
+    match (&e, token) {
+        (k3rs_storage::Error::Compacted { .. }, Some(_)) => ApiError::gone(CONTINUE_EXPIRED),
+        _ => e.into(),
+    }
+}
+
+/// The `<Kind>List` object for a list result.
+pub fn list_object(def: &ResourceDef, r: ListResult) -> Value {
+    let mut md = json!({"resourceVersion": r.revision.to_string()});
+    if let Some(c) = &r.continue_token {
+        md["continue"] = json!(c);
+    }
+    if let Some(n) = r.remaining.filter(|n| *n > 0) {
+        md["remainingItemCount"] = json!(n);
+    }
+    json!({
+        "kind": def.list_kind,
+        "apiVersion": def.api_version(),
+        "metadata": md,
+        "items": r.items,
+    })
+}
+
+/// DELETE on a collection: deletes every matching object (each as a single delete would).
+pub async fn delete_collection(
+    st: &ApiState,
+    def: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    lopts: &ListOpts,
+    dopts: &DeleteOpts,
+) -> ApiResult<Value> {
+    let r = list(
+        st,
+        def,
+        ns,
+        &ListOpts {
+            limit: 0,
+            continue_token: None,
+            labels: lopts.labels.clone(),
+            fields: lopts.fields.clone(),
+            resource_version: None,
+            rv_match: None,
+        },
+    )
+    .await?;
+    let mut deleted = Vec::new();
+    for obj in r.items {
+        let name = meta_str(&obj, "name").to_string();
+        let ons = meta_str(&obj, "namespace").to_string();
+        let ons = if def.namespaced {
+            Some(ons.as_str())
+        } else {
+            None
+        };
+        match delete(st, def, ons, &name, dopts).await {
+            Ok(o) => deleted.push(o),
+            Err(e) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(list_object(
+        def,
+        ListResult {
+            items: deleted,
+            revision: st.store.current_revision(),
+            continue_token: None,
+            remaining: None,
+        },
+    ))
+}
+
+/// Raw store access for subsystems (namespace cleanup): delete every key under a prefix.
+pub async fn delete_prefix(st: &ApiState, prefix: &str) -> ApiResult<i64> {
+    let r = st
+        .store
+        .delete_range(DeleteRangeRequest::new(KeyRange::prefix(Bytes::from(
+            prefix.to_string(),
+        ))))
+        .await?;
+    Ok(r.deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_tokens_round_trip_and_refuse_garbage() {
+        let t = encode_continue(42, "web-7\u{0}");
+        assert_eq!(decode_continue(&t).unwrap(), (42, "web-7\u{0}".to_string()));
+        assert!(decode_continue("not-base64!").is_err());
+        let evil = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"rv": 1, "start": "../secrets/x"}).to_string());
+        assert!(decode_continue(&evil).is_err());
+    }
+
+    #[test]
+    fn uids_are_version_4() {
+        let u = new_uid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_eq!(random_suffix().len(), 5);
+    }
+}

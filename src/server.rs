@@ -1,0 +1,81 @@
+//! `k3rs server`: opens the store, sets up the PKI and kubeconfig, and runs the API server
+//! until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use k3rs_storage::{Store, StoreConfig};
+
+use crate::api::{self, ApiConfig, ApiState};
+use crate::config::ServerConfig;
+use crate::{kubeconfig, pki};
+
+pub async fn run(cfg: ServerConfig) -> Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating --data-dir {}", cfg.data_dir.display()))?;
+    let pki = pki::Pki::load_or_create(&cfg.tls_dir(), &cfg.serving_sans())
+        .with_context(|| format!("setting up certificates in {}", cfg.tls_dir().display()))?;
+    let store = Store::open(StoreConfig::new(cfg.db_dir()))
+        .await
+        .context("opening the datastore")?;
+    let listen = SocketAddr::new(cfg.bind_address, cfg.https_listen_port);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| {
+            format!("listening on {listen} (is another server running? see --https-listen-port)")
+        })?;
+    let local = listener.local_addr()?;
+    let (st, ns_rx) = ApiState::new(
+        store.clone(),
+        ApiConfig {
+            server_address: format!("{}:{}", cfg.advertise_address, local.port()),
+        },
+    );
+    api::load_crds(&st).await?;
+    let tls = api::http::tls_config(&pki)?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(api::http::serve(st.clone(), listener, tls, shutdown_rx));
+    api::bootstrap(&st).await?;
+    let ns_task = tokio::spawn(api::namespaces::run(st.clone(), ns_rx));
+    st.ready.store(true, Ordering::SeqCst);
+
+    let host = if cfg.bind_address.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        cfg.bind_address.to_string()
+    };
+    let url = if host.contains(':') {
+        format!("https://[{host}]:{}", local.port())
+    } else {
+        format!("https://{host}:{}", local.port())
+    };
+    kubeconfig::write(
+        &cfg.write_kubeconfig,
+        &kubeconfig::render(&url, &pki.ca.cert_pem, &pki.admin),
+        cfg.write_kubeconfig_mode,
+    )?;
+    tracing::info!(
+        "k3rs server ready at {url} in {:?}; kubeconfig written to {} — use: kubectl --kubeconfig {} get nodes (or KUBECONFIG={})",
+        started.elapsed(),
+        cfg.write_kubeconfig.display(),
+        cfg.write_kubeconfig.display(),
+        cfg.write_kubeconfig.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    st.ready.store(false, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    let _ = server.await;
+    ns_task.abort();
+    drop(st);
+    store.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

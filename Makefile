@@ -17,7 +17,7 @@ build: deps
 
 run: build
 	@mkdir -p $(RUN_DIR)
-	./target/release/k3rs server --data-dir $(RUN_DIR)/data --write-kubeconfig $(RUN_DIR)/kubeconfig.yaml
+	./target/release/k3rs server --data-dir $(RUN_DIR)/data --write-kubeconfig $(RUN_DIR)/kubeconfig.yaml --bind-address 127.0.0.1
 
 test: deps lint
 	$(CARGO) test --workspace -- --test-threads=2

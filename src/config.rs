@@ -166,10 +166,12 @@ fn from_config_file(args: &mut ServerArgs, matches: &ArgMatches, path: &Path) ->
             .to_string();
         let id = key.replace('-', "_");
         // Flags and environment variables win over the file.
-        let overridden = matches!(
-            matches.value_source(&id),
-            Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
-        );
+        let known = matches.try_contains_id(&id).is_ok();
+        let overridden = known
+            && matches!(
+                matches.value_source(&id),
+                Some(ValueSource::CommandLine) | Some(ValueSource::EnvVariable)
+            );
         if overridden {
             continue;
         }

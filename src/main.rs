@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a server (API server, controllers, scheduler, embedded store and agent).
-    Server(config::ServerArgs),
+    Server(Box<config::ServerArgs>),
     /// Run the installed kubectl with the server's admin kubeconfig.
     Kubectl {
         /// Arguments for kubectl.

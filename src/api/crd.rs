@@ -140,7 +140,7 @@ pub fn validate_crd(crd: &Value) -> Vec<Cause> {
         out.push(Cause::invalid(
             "metadata.name",
             &json!(name),
-            &format!("must be spec.names.plural+\".\"+spec.group"),
+            "must be spec.names.plural+\".\"+spec.group",
         ));
     }
     let versions = spec["versions"].as_array().cloned().unwrap_or_default();

@@ -84,14 +84,9 @@ pub fn default_pod_spec(spec: &mut Value) {
     if let Some(vols) = m.get_mut("volumes").and_then(Value::as_array_mut) {
         for v in vols {
             let vm = obj(v);
-            for (k, mode) in [("configMap", 420), ("secret", 420)] {
+            for k in ["configMap", "secret", "projected", "downwardAPI"] {
                 if let Some(src) = vm.get_mut(k).filter(|s| s.is_object()) {
-                    let field = if k == "secret" {
-                        "defaultMode"
-                    } else {
-                        "defaultMode"
-                    };
-                    set_default(obj(src), field, json!(mode));
+                    set_default(obj(src), "defaultMode", json!(420));
                 }
             }
             if let Some(src) = vm.get_mut("hostPath").filter(|s| s.is_object()) {

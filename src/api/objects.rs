@@ -196,6 +196,7 @@ fn check_fields(
     fv: FieldValidation,
 ) -> ApiResult<Vec<String>> {
     let unknown = st.schemas.prune_unknown(def, obj);
+    st.schemas.drop_empty(def, obj);
     let mut warnings = Vec::new();
     if !unknown.is_empty() {
         let msgs: Vec<String> = unknown

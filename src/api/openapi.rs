@@ -14,12 +14,15 @@ use crate::api::resources::{Registry, ResourceDef};
 
 const REF_PREFIX: &str = "#/components/schemas/";
 
+/// Rendered documents by path, with their hashes.
+type RenderedDocs = BTreeMap<String, (String, Bytes)>;
+
 /// Every schema definition, by upstream name.
 pub struct Schemas {
     defs: Map<String, Value>,
     /// Rendered v3 documents by group/version path (`api/v1`, `apis/apps/v1`), and their
     /// hashes, rebuilt when the registry changes.
-    docs: RwLock<(u64, BTreeMap<String, (String, Bytes)>)>,
+    docs: RwLock<(u64, RenderedDocs)>,
 }
 
 fn gvk(def: &ResourceDef) -> Value {
@@ -105,6 +108,45 @@ fn prune(
             }
         }
         _ => {}
+    }
+}
+
+/// Drops empty maps and lists, as Go's `omitempty` does when upstream encodes an object
+/// (empty structs stay: `emptyDir: {}` means something).
+fn drop_empty(defs: &Map<String, Value>, schema: &Value, v: &mut Value) {
+    let s = resolve(defs, schema);
+    let Value::Object(m) = v else {
+        if let (Value::Array(items), Some(item_schema)) = (v, s.get("items")) {
+            for item in items.iter_mut() {
+                drop_empty(defs, item_schema, item);
+            }
+        }
+        return;
+    };
+    let props = s.get("properties").and_then(Value::as_object);
+    let additional = s.get("additionalProperties").filter(|a| a.is_object());
+    let keys: Vec<String> = m.keys().cloned().collect();
+    for k in keys {
+        let child_schema = props.and_then(|p| p.get(&k)).or(additional);
+        let Some(cs) = child_schema else { continue };
+        let cs_resolved = resolve(defs, cs);
+        let is_map = cs_resolved
+            .get("additionalProperties")
+            .is_some_and(Value::is_object)
+            && cs_resolved.get("properties").is_none();
+        let is_list = cs_resolved.get("type").and_then(Value::as_str) == Some("array");
+        let empty = match m.get(&k) {
+            Some(Value::Object(o)) => o.is_empty() && is_map,
+            Some(Value::Array(a)) => a.is_empty() && is_list,
+            _ => false,
+        };
+        if empty && props.is_some() {
+            m.remove(&k);
+            continue;
+        }
+        if let Some(child) = m.get_mut(&k) {
+            drop_empty(defs, cs, child);
+        }
     }
 }
 
@@ -241,6 +283,13 @@ impl Schemas {
             prune(&self.defs, &root, obj, "", &mut out);
         }
         out
+    }
+
+    /// Removes empty maps and lists (Go's omitempty).
+    pub fn drop_empty(&self, def: &ResourceDef, obj: &mut Value) {
+        if let Some(root) = self.root(def) {
+            drop_empty(&self.defs, &root, obj);
+        }
     }
 
     fn definitions_for(&self, defs_in_gv: &[Arc<ResourceDef>]) -> Map<String, Value> {

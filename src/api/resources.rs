@@ -349,7 +349,7 @@ impl Registry {
             }
         }
         for (g, mut vs) in extra {
-            vs.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+            vs.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
             out.push((g, vs));
         }
         out
@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn versions_sort_as_kubernetes_does() {
         let mut v = vec!["v1beta1", "v2", "v1alpha1", "v1", "v10", "v2beta2", "foo"];
-        v.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+        v.sort_by_key(|x| std::cmp::Reverse(version_priority(x)));
         assert_eq!(
             v,
             vec!["v10", "v2", "v1", "v2beta2", "v1beta1", "v1alpha1", "foo"]

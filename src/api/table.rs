@@ -1060,11 +1060,7 @@ fn builtin(group: &str, kind: &str, o: &Value) -> Option<(Vec<Col>, Vec<Value>)>
                 col("Pod-Selector", "string", 0),
                 col("Age", "string", 0),
             ],
-            vec![
-                name,
-                json!(selector_string(&o["spec"]["podSelector"]).replace("<none>", "<none>")),
-                age,
-            ],
+            vec![name, json!(selector_string(&o["spec"]["podSelector"])), age],
         ),
         ("apps", "ControllerRevision") => (
             vec![

@@ -166,7 +166,7 @@ pub fn validate_metadata(obj: &Value, rule: NameRule, namespaced: bool, out: &mu
             out.push(Cause::new(
                 "FieldValueTooLong",
                 "metadata.annotations",
-                format!("Too long: may not be more than 262144 bytes"),
+                "Too long: may not be more than 262144 bytes".to_string(),
             ));
         }
     }
@@ -461,15 +461,13 @@ pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value, out: &
         ("apps", "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet") => {
             immutable("/spec/selector", "spec.selector", "field is immutable", out)
         }
-        ("", "ConfigMap" | "Secret") => {
-            if old["immutable"].as_bool() == Some(true) {
-                for f in ["data", "binaryData"] {
-                    if old.get(f) != new.get(f) {
-                        out.push(Cause::forbidden(
-                            f,
-                            "field is immutable when `immutable` is set",
-                        ));
-                    }
+        ("", "ConfigMap" | "Secret") if old["immutable"].as_bool() == Some(true) => {
+            for f in ["data", "binaryData"] {
+                if old.get(f) != new.get(f) {
+                    out.push(Cause::forbidden(
+                        f,
+                        "field is immutable when `immutable` is set",
+                    ));
                 }
             }
         }

@@ -17,6 +17,7 @@ pub mod objects;
 pub mod openapi;
 pub mod patch;
 pub mod pods;
+pub mod protobuf;
 pub mod request;
 pub mod resources;
 pub mod selectors;
@@ -184,8 +185,11 @@ async fn read_body(body: Incoming) -> ApiResult<Bytes> {
     }
 }
 
-/// Decodes a JSON or YAML request body into an object.
-fn decode_body(content_type: &str, body: &[u8]) -> ApiResult<Value> {
+/// Decodes a JSON, YAML or protobuf request body into an object.
+fn decode_body(st: &ApiState, content_type: &str, body: &[u8]) -> ApiResult<Value> {
+    if content_type.split(';').next().unwrap_or_default().trim() == protobuf::CONTENT_TYPE {
+        return protobuf::decode(&st.schemas, body);
+    }
     let ct = content_type.split(';').next().unwrap_or_default().trim();
     let v: Value = match ct {
         "" | "application/json" | "*/*" => serde_json::from_slice(body).map_err(|e| {
@@ -539,7 +543,7 @@ async fn resource(
             Ok(json_response(StatusCode::OK, &scale_of(&def, &obj), &[]))
         }
         (Method::POST, None, None) => {
-            let obj = decode_body(&content_type, &body)?;
+            let obj = decode_body(st, &content_type, &body)?;
             let opts = WriteOpts::from_query(&q, &default_manager, "Update")?;
             let (mut created, warnings) = objects::create(st, &def, nsr, obj, &opts, user).await?;
             if !opts.dry_run {
@@ -548,7 +552,7 @@ async fn resource(
             Ok(json_response(StatusCode::CREATED, &created, &warnings))
         }
         (Method::POST, Some(name), Some("binding")) => {
-            let b = decode_body(&content_type, &body)?;
+            let b = decode_body(st, &content_type, &body)?;
             bind_pod(st, &def, nsr, name, &b, &q).await?;
             Ok(json_response(
                 StatusCode::CREATED,
@@ -566,7 +570,7 @@ async fn resource(
             ))
         }
         (Method::PUT, Some(name), None | Some("status") | Some("finalize")) => {
-            let obj = decode_body(&content_type, &body)?;
+            let obj = decode_body(st, &content_type, &body)?;
             let opts = WriteOpts::from_query(&q, &default_manager, "Update")?;
             let part = if sub == Some("status") {
                 Part::Status
@@ -586,7 +590,7 @@ async fn resource(
                 serde_json::from_slice::<Value>(&body)
                     .map_err(|e| ApiError::bad_request(e.to_string()))?
             } else {
-                decode_body(&content_type, &body)?
+                decode_body(st, &content_type, &body)?
             };
             let opts = WriteOpts::from_query(&q, &default_manager, "Update")?;
             let d2 = def.clone();
@@ -628,7 +632,7 @@ async fn resource(
             let pt = PatchType::from_content_type(&content_type)
                 .ok_or_else(|| ApiError::unsupported_media_type(&content_type))?;
             let patch_body: Value = if pt == PatchType::Apply {
-                decode_body("application/yaml", &body)?
+                decode_body(st, "application/yaml", &body)?
             } else {
                 serde_json::from_slice(&body).map_err(|e| {
                     ApiError::bad_request(format!(
@@ -703,6 +707,7 @@ async fn resource(
             Ok(json_response(StatusCode::OK, &out, &warnings))
         }
         (Method::DELETE, Some(name), None) => {
+            let body = delete_body(st, &content_type, body)?;
             let dopts = DeleteOpts::parse(&q, &body)?;
             let out = objects::delete(st, &def, nsr, name, &dopts).await?;
             if !dopts.dry_run {
@@ -712,6 +717,7 @@ async fn resource(
         }
         (Method::DELETE, None, None) => {
             let lopts = ListOpts::parse(&def, &q)?;
+            let body = delete_body(st, &content_type, body)?;
             let dopts = DeleteOpts::parse(&q, &body)?;
             let out = objects::delete_collection(st, &def, nsr, &lopts, &dopts).await?;
             if !dopts.dry_run {
@@ -744,6 +750,15 @@ async fn resource(
             Err(method_not_allowed(&def, verb))
         }
     }
+}
+
+/// A DeleteOptions body as JSON bytes (typed clients send protobuf).
+fn delete_body(st: &ApiState, content_type: &str, body: Bytes) -> ApiResult<Bytes> {
+    if content_type.starts_with(protobuf::CONTENT_TYPE) && !body.is_empty() {
+        let v = protobuf::decode(&st.schemas, &body)?;
+        return Ok(Bytes::from(serde_json::to_vec(&v).expect("JSON")));
+    }
+    Ok(body)
 }
 
 fn unreachable_apply() -> Value {

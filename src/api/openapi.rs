@@ -285,6 +285,17 @@ impl Schemas {
         out
     }
 
+    /// Property names of a definition (following a single-element allOf).
+    pub fn properties(&self, name: &str) -> Vec<String> {
+        self.defs
+            .get(name)
+            .map(|d| resolve(&self.defs, d))
+            .and_then(|d| d.get("properties"))
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Removes empty maps and lists (Go's omitempty).
     pub fn drop_empty(&self, def: &ResourceDef, obj: &mut Value) {
         if let Some(root) = self.root(def) {

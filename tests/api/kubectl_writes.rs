@@ -311,3 +311,100 @@ fn deleting_a_namespace_removes_its_contents_and_deleting_a_crd_its_objects() {
     assert!(err.contains("namespaces \"demo\" not found"), "{err}");
     assert_eq!(c.ok(&["get", "cm", "-n", "demo", "-o", "name"]), "");
 }
+
+#[test]
+fn kubectl_create_subcommands_work_through_protobuf_bodies() {
+    let c = Cluster::start();
+    for args in [
+        &[
+            "create",
+            "configmap",
+            "c1",
+            "--from-literal=a=1",
+            "--from-literal=b=2",
+        ][..],
+        &["create", "secret", "generic", "s1", "--from-literal=p=x"],
+        &[
+            "create",
+            "deployment",
+            "d1",
+            "--image=busybox:1.36",
+            "--replicas=0",
+            "--port=80",
+        ],
+        &["create", "namespace", "n1"],
+        &["create", "serviceaccount", "sa1"],
+        &["create", "job", "j1", "--image=busybox", "--", "echo", "hi"],
+        &[
+            "create",
+            "cronjob",
+            "cj1",
+            "--image=busybox",
+            "--schedule=*/5 * * * *",
+        ],
+        &[
+            "run",
+            "p1",
+            "--image=busybox",
+            "--labels=app=x",
+            "--",
+            "sleep",
+            "3600",
+        ],
+        &["create", "service", "clusterip", "svc1", "--tcp=80:8080"],
+        &["create", "role", "r1", "--verb=get", "--resource=pods"],
+        &["create", "rolebinding", "rb1", "--role=r1", "--user=u"],
+        &["create", "quota", "q1", "--hard=pods=3"],
+        &["create", "priorityclass", "pc1", "--value=10"],
+        &["create", "ingress", "ing1", "--rule=a.example/=svc1:80"],
+    ] {
+        let out = c.ok(args);
+        assert!(out.contains("created"), "{args:?}: {out}");
+    }
+    assert_eq!(get(&c, &["cm", "c1"], "{.data.a}{.data.b}"), "12");
+    assert_eq!(get(&c, &["secret", "s1"], "{.data.p}"), "eA==");
+    assert_eq!(
+        get(
+            &c,
+            &["deploy", "d1"],
+            "{.spec.replicas} {.spec.template.spec.containers[0].ports[0].containerPort}"
+        ),
+        "0 80"
+    );
+    let y = c.ok(&["get", "deploy", "d1", "-o", "yaml"]);
+    assert!(
+        !y.contains("stdin: false") && !y.contains("creationTimestamp: \"1970"),
+        "zero values are left out as JSON would:\n{y}"
+    );
+    assert_eq!(
+        get(
+            &c,
+            &["job", "j1"],
+            "{.spec.template.spec.containers[0].command}"
+        ),
+        r#"["echo","hi"]"#
+    );
+    assert_eq!(
+        get(
+            &c,
+            &["pod", "p1"],
+            "{.metadata.labels.app} {.spec.containers[0].args}"
+        ),
+        r#"x ["sleep","3600"]"#
+    );
+    assert_eq!(
+        get(&c, &["svc", "svc1"], "{.spec.ports[0].targetPort}"),
+        "8080"
+    );
+    assert_eq!(
+        get(
+            &c,
+            &["ing", "ing1"],
+            "{.spec.rules[0].host} {.spec.rules[0].http.paths[0].backend.service.name}"
+        ),
+        "a.example svc1"
+    );
+    assert_eq!(get(&c, &["priorityclass", "pc1"], "{.value}"), "10");
+    // Typed deletes send protobuf DeleteOptions too.
+    assert!(c.ok(&["delete", "cm", "c1"]).contains("deleted"));
+}

@@ -74,6 +74,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = server.await;
     ns_task.abort();
+    st.caches.shutdown();
     drop(st);
     store.shutdown().await;
     tracing::info!("stopped");

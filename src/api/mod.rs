@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod apply;
+pub mod cache;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
@@ -69,6 +70,7 @@ pub struct ApiConfig {
 /// Everything a request handler needs.
 pub struct ApiState {
     pub store: Store,
+    pub caches: cache::WatchCaches,
     pub registry: Registry,
     pub schemas: openapi::Schemas,
     pub config: ApiConfig,
@@ -87,6 +89,7 @@ impl ApiState {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         (
             Arc::new(ApiState {
+                caches: cache::WatchCaches::new(store.clone()),
                 store,
                 registry,
                 schemas,
@@ -506,7 +509,19 @@ async fn resource(
                     .body(BodyExt::boxed(StreamBody::new(stream)))
                     .expect("valid response"));
             }
-            let r = objects::list(st, &def, nsr, &opts).await?;
+            let cached = objects::list_cached(st, &def, nsr, &opts).await?;
+            let r = match (cached, table) {
+                (Some(c), None) => {
+                    return Ok(Response::builder()
+                        .status(StatusCode::OK)
+                        .header("content-type", "application/json")
+                        .header("cache-control", "no-cache, private")
+                        .body(full(c.to_json(&def)))
+                        .expect("valid response"));
+                }
+                (Some(c), Some(_)) => c.into_values()?,
+                (None, _) => objects::list(st, &def, nsr, &opts).await?,
+            };
             let out = match table {
                 Some(inc) => {
                     let rv = r.revision.to_string();

@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use k3rs_storage::{EventKind, KeyRange, WatchMessage, WatchRequest};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::api::cache::{CachedEvent, CachedObject};
 
 use crate::api::objects::{self, decode_stored, ListOpts};
 use crate::api::resources::ResourceDef;
@@ -64,6 +66,199 @@ fn gone(rev: i64, compact: i64) -> Bytes {
     line("ERROR", e.to_status())
 }
 
+/// Which watch event (if any) a change is for this watcher: objects entering the selection are
+/// ADDED, changing inside it MODIFIED, leaving it (or deleted) DELETED.
+fn classify(
+    def: &ResourceDef,
+    opts: &ListOpts,
+    kind: EventKind,
+    new: Option<Value>,
+    prev: Option<Value>,
+    revision: i64,
+) -> Option<(&'static str, Value)> {
+    match kind {
+        EventKind::Put => {
+            let new = new?;
+            let now = opts.matches(&new);
+            let before = prev.as_ref().is_some_and(|p| opts.matches(p));
+            match (before, now) {
+                (false, true) => Some(("ADDED", new)),
+                (true, true) => Some(("MODIFIED", new)),
+                (true, false) => Some(("DELETED", new)),
+                (false, false) => None,
+            }
+        }
+        EventKind::Delete => {
+            let mut p = prev?;
+            if !opts.matches(&p) {
+                return None;
+            }
+            objects::stamp(def, &mut p, revision);
+            Some(("DELETED", p))
+        }
+    }
+}
+
+fn cached_value(def: &ResourceDef, o: &CachedObject) -> Option<Value> {
+    let mut v: Value = serde_json::from_slice(&o.value).ok()?;
+    objects::stamp(def, &mut v, o.mod_revision);
+    Some(v)
+}
+
+fn to_line(
+    def: &ResourceDef,
+    opts: &ListOpts,
+    prefix: &str,
+    ev: &CachedEvent,
+    enc: &mut Encoder,
+) -> Option<Bytes> {
+    if !ev.object.key.starts_with(prefix.as_bytes()) {
+        return None;
+    }
+    let new = match ev.kind {
+        EventKind::Put => cached_value(def, &ev.object),
+        EventKind::Delete => None,
+    };
+    let prev = ev.prev.as_ref().and_then(|p| cached_value(def, p));
+    classify(def, opts, ev.kind, new, prev, ev.revision).map(|(k, o)| enc.event(k, o))
+}
+
+/// Serves a watch from the watch cache; `None` when the cache cannot (a resourceVersion older
+/// than its window, a cache that is not ready).
+async fn start_cached(
+    st: &Arc<ApiState>,
+    def: &Arc<ResourceDef>,
+    ns: Option<&str>,
+    opts: &ListOpts,
+    params: &WatchParams,
+) -> ApiResult<Option<mpsc::Receiver<Bytes>>> {
+    if def.crd.is_some() || def.schema.is_none() {
+        return Ok(None);
+    }
+    let cache = st.caches.get(&def.key_prefix(None));
+    let after = match opts.resource_version.as_deref() {
+        None | Some("") => {
+            let target = st.store.read_revision().await?;
+            if !cache.wait_for(target, Duration::from_secs(3)).await {
+                return Ok(None);
+            }
+            None
+        }
+        Some("0") => {
+            if !cache.wait_for(0, Duration::from_secs(3)).await {
+                return Ok(None);
+            }
+            None
+        }
+        Some(rv) => {
+            let rv = objects::parse_rv(rv)?;
+            if !cache.wait_for(0, Duration::from_secs(3)).await {
+                return Ok(None);
+            }
+            Some(rv)
+        }
+    };
+    let prefix = def.key_prefix(ns);
+    let Some(mut sub) = cache.subscribe(&prefix, after) else {
+        return Ok(None);
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let mut enc = Encoder {
+        def: def.clone(),
+        table: params.table,
+        first: true,
+    };
+    let def = def.clone();
+    let opts = ListOpts {
+        labels: opts.labels.clone(),
+        fields: opts.fields.clone(),
+        limit: 0,
+        continue_token: None,
+        resource_version: None,
+        rv_match: None,
+    };
+    let bookmarks = params.bookmarks;
+    let deadline = params.timeout.map(|t| tokio::time::Instant::now() + t);
+    tokio::spawn(async move {
+        for o in std::mem::take(&mut sub.initial) {
+            let Some(v) = cached_value(&def, &o) else {
+                continue;
+            };
+            if opts.matches(&v) && tx.send(enc.event("ADDED", v)).await.is_err() {
+                return;
+            }
+        }
+        let mut last_seq = sub.last_seq;
+        for ev in std::mem::take(&mut sub.replay) {
+            last_seq = last_seq.max(ev.seq);
+            if let Some(b) = to_line(&def, &opts, &prefix, &ev, &mut enc) {
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+        tick.tick().await;
+        loop {
+            let step = async {
+                tokio::select! {
+                    r = sub.rx.recv() => Some(Ok(r)),
+                    _ = tick.tick() => Some(Err(())),
+                    _ = tx.closed() => None,
+                }
+            };
+            let got = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, step).await {
+                    Ok(g) => g,
+                    Err(_) => return,
+                },
+                None => step.await,
+            };
+            let Some(got) = got else { return };
+            if cache.epoch() != sub.epoch {
+                // The cache was rebuilt (compaction or a store error): the client re-watches.
+                return;
+            }
+            let batch: Vec<std::sync::Arc<CachedEvent>> = match got {
+                Err(()) => {
+                    let rev = cache.revision();
+                    if bookmarks && sub.rx.is_empty() {
+                        let b = json!({"kind": def.kind, "apiVersion": def.api_version(), "metadata": {"resourceVersion": rev.to_string()}});
+                        if tx.send(line("BOOKMARK", b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Ok(Ok(ev)) => vec![ev],
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    match cache.events_after(last_seq) {
+                        Some(evs) => evs,
+                        None => {
+                            let e = ApiError::gone("the watch fell too far behind; please re-list");
+                            let _ = tx.send(line("ERROR", e.to_status())).await;
+                            return;
+                        }
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => return,
+            };
+            for ev in batch {
+                if ev.seq <= last_seq {
+                    continue;
+                }
+                last_seq = ev.seq;
+                if let Some(b) = to_line(&def, &opts, &prefix, &ev, &mut enc) {
+                    if tx.send(b).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(Some(rx))
+}
+
 /// Starts a watch; the receiver yields encoded event lines until the watch ends.
 pub async fn start(
     st: Arc<ApiState>,
@@ -72,6 +267,9 @@ pub async fn start(
     opts: ListOpts,
     params: WatchParams,
 ) -> ApiResult<mpsc::Receiver<Bytes>> {
+    if let Some(rx) = start_cached(&st, &def, ns.as_deref(), &opts, &params).await? {
+        return Ok(rx);
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let mut enc = Encoder {
         def: def.clone(),
@@ -172,28 +370,14 @@ pub async fn start(
                             .prev_kv
                             .as_ref()
                             .and_then(|p| decode_stored(&def, p).ok());
-                        let (kind, obj) = match ev.kind {
-                            EventKind::Put => {
-                                let Ok(new) = decode_stored(&def, &ev.kv) else {
-                                    continue;
-                                };
-                                let now = opts.matches(&new);
-                                let before = prev.as_ref().is_some_and(|p| opts.matches(p));
-                                match (before, now) {
-                                    (false, true) => ("ADDED", new),
-                                    (true, true) => ("MODIFIED", new),
-                                    (true, false) => ("DELETED", new),
-                                    (false, false) => continue,
-                                }
-                            }
-                            EventKind::Delete => {
-                                let Some(mut p) = prev else { continue };
-                                if !opts.matches(&p) {
-                                    continue;
-                                }
-                                objects::stamp(&def, &mut p, ev.kv.mod_revision);
-                                ("DELETED", p)
-                            }
+                        let new = match ev.kind {
+                            EventKind::Put => decode_stored(&def, &ev.kv).ok(),
+                            EventKind::Delete => None,
+                        };
+                        let Some((kind, obj)) =
+                            classify(&def, &opts, ev.kind, new, prev, ev.kv.mod_revision)
+                        else {
+                            continue;
                         };
                         if tx.send(enc.event(kind, obj)).await.is_err() {
                             return;

@@ -357,6 +357,12 @@ impl Store {
         self.inner.mvcc.current_revision()
     }
 
+    /// The revision a linearizable read would see now (confirms leadership first).
+    pub async fn read_revision(&self) -> Result<Revision> {
+        self.linearize().await?;
+        Ok(self.inner.mvcc.current_revision())
+    }
+
     /// Revisions before this one are gone from history.
     pub fn compact_revision(&self) -> Revision {
         self.inner.mvcc.compact_revision()

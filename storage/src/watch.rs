@@ -230,6 +230,30 @@ impl WatchStream {
         self.next_rev
     }
 
+    /// Without waiting: the next queued events, or, when nothing is queued and the watch is
+    /// caught up, a progress message with the store's current revision (everything up to it has
+    /// been delivered). `None` while the watch is still catching up or has ended.
+    pub fn poll_progress(&mut self) -> Option<Result<WatchMessage, Error>> {
+        let Mode::Live { rx, .. } = &mut self.mode else {
+            return None;
+        };
+        match self.mvcc.hub.progress_or_pending(rx) {
+            Ok((rev, batch)) => {
+                self.next_rev = rev + 1;
+                match self.to_events(batch.iter().map(|r| &**r)) {
+                    Ok(ev) if ev.is_empty() => Some(Ok(WatchMessage::Progress { revision: rev })),
+                    Ok(ev) => Some(Ok(WatchMessage::Events(ev))),
+                    Err(e) => Some(Err(e)),
+                }
+            }
+            Err(Some(rev)) => {
+                self.next_rev = self.next_rev.max(rev + 1);
+                Some(Ok(WatchMessage::Progress { revision: rev }))
+            }
+            Err(None) => None,
+        }
+    }
+
     /// The next message; `None` once the stream has ended (after an error, or at shutdown).
     pub async fn next(&mut self) -> Option<Result<WatchMessage, Error>> {
         loop {

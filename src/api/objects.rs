@@ -1165,29 +1165,6 @@ pub async fn delete_prefix(st: &ApiState, prefix: &str) -> ApiResult<i64> {
     Ok(r.deleted)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn continue_tokens_round_trip_and_refuse_garbage() {
-        let t = encode_continue(42, "web-7\u{0}");
-        assert_eq!(decode_continue(&t).unwrap(), (42, "web-7\u{0}".to_string()));
-        assert!(decode_continue("not-base64!").is_err());
-        let evil = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(json!({"rv": 1, "start": "../secrets/x"}).to_string());
-        assert!(decode_continue(&evil).is_err());
-    }
-
-    #[test]
-    fn uids_are_version_4() {
-        let u = new_uid();
-        assert_eq!(u.len(), 36);
-        assert_eq!(&u[14..15], "4");
-        assert_eq!(random_suffix().len(), 5);
-    }
-}
-
 /// A list served from the watch cache: items as JSON bytes (with resourceVersion spliced in).
 pub struct CachedList {
     pub items: Vec<Vec<u8>>,
@@ -1333,4 +1310,27 @@ pub async fn list_cached(
         continue_token,
         remaining,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continue_tokens_round_trip_and_refuse_garbage() {
+        let t = encode_continue(42, "web-7\u{0}");
+        assert_eq!(decode_continue(&t).unwrap(), (42, "web-7\u{0}".to_string()));
+        assert!(decode_continue("not-base64!").is_err());
+        let evil = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"rv": 1, "start": "../secrets/x"}).to_string());
+        assert!(decode_continue(&evil).is_err());
+    }
+
+    #[test]
+    fn uids_are_version_4() {
+        let u = new_uid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert_eq!(random_suffix().len(), 5);
+    }
 }

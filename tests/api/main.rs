@@ -2,6 +2,7 @@
 //! by the installed `kubectl` through the kubeconfig the server writes (one test binary).
 
 mod cluster;
+mod kube_client;
 mod kubectl_basics;
 mod kubectl_errors;
 mod kubectl_writes;

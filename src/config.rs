@@ -66,6 +66,9 @@ pub struct ServerArgs {
     /// Do not run the embedded agent.
     #[arg(long, env = "K3RS_DISABLE_AGENT")]
     pub disable_agent: bool,
+    /// How long events are kept (e.g. 1h, 30m, 90s).
+    #[arg(long, env = "K3RS_EVENT_TTL", default_value = "1h")]
+    pub event_ttl: String,
 }
 
 /// The validated server configuration. The network settings are checked now and used by the
@@ -86,6 +89,35 @@ pub struct ServerConfig {
     pub cluster_domain: String,
     pub service_node_port_range: (u16, u16),
     pub disable_agent: bool,
+    pub event_ttl: std::time::Duration,
+}
+
+/// Parses `1h`, `30m`, `90s`, `1h30m` (and a bare number of seconds).
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(n));
+    }
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        total += n * match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+    }
+    if !num.is_empty() {
+        return None;
+    }
+    Some(std::time::Duration::from_secs(total))
 }
 
 /// An IPv4 network in CIDR notation.
@@ -206,6 +238,7 @@ fn from_config_file(args: &mut ServerArgs, matches: &ArgMatches, path: &Path) ->
             }
             "cluster_domain" => args.cluster_domain = s()?,
             "service_node_port_range" => args.service_node_port_range = s()?,
+            "event_ttl" => args.event_ttl = s()?,
             "disable_agent" => {
                 args.disable_agent = s()?.parse().map_err(|_| bad("expected true or false"))?
             }
@@ -268,6 +301,14 @@ impl ServerArgs {
         if self.cluster_domain.is_empty() || self.cluster_domain.starts_with('.') {
             bail!("--cluster-domain {:?} is not a domain", self.cluster_domain);
         }
+        let event_ttl = parse_duration(&self.event_ttl)
+            .filter(|d| d.as_secs() > 0)
+            .with_context(|| {
+                format!(
+                    "--event-ttl {:?}: expected a duration such as 1h, 30m or 90s",
+                    self.event_ttl
+                )
+            })?;
         let advertise_address = self.advertise_address.unwrap_or_else(primary_address);
         Ok(ServerConfig {
             data_dir: self.data_dir,
@@ -283,6 +324,7 @@ impl ServerArgs {
             cluster_domain: self.cluster_domain,
             service_node_port_range: (lo, hi),
             disable_agent: self.disable_agent,
+            event_ttl,
         })
     }
 }

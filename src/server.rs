@@ -32,6 +32,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         store.clone(),
         ApiConfig {
             server_address: format!("{}:{}", cfg.advertise_address, local.port()),
+            event_ttl: cfg.event_ttl,
         },
     );
     api::load_crds(&st).await?;

@@ -65,6 +65,8 @@ pub struct User {
 pub struct ApiConfig {
     /// `host:port` clients are told to use (discovery's serverAddressByClientCIDRs).
     pub server_address: String,
+    /// Events expire this long after they were last written.
+    pub event_ttl: Duration,
 }
 
 /// Everything a request handler needs.
@@ -76,6 +78,9 @@ pub struct ApiState {
     pub config: ApiConfig,
     pub metrics: metrics::Metrics,
     pub ready: AtomicBool,
+    /// The lease events are attached to, and when it was granted (reused for a minute, as
+    /// upstream's lease manager does, so that events do not cost one lease each).
+    event_lease: parking_lot::Mutex<Option<(i64, Instant)>>,
     namespace_tx: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
@@ -96,10 +101,28 @@ impl ApiState {
                 config,
                 metrics: metrics::Metrics::default(),
                 ready: AtomicBool::new(false),
+                event_lease: parking_lot::Mutex::new(None),
                 namespace_tx: tx,
             }),
             rx,
         )
+    }
+
+    /// The lease an event written now attaches to (its TTL is `event_ttl` plus the reuse
+    /// window).
+    pub async fn event_lease(&self) -> ApiResult<i64> {
+        let ttl = self.config.event_ttl.as_secs().max(1);
+        // An event written at any time inside the reuse window still lives `ttl`.
+        let window = ttl.min(60);
+        if let Some((id, at)) = *self.event_lease.lock() {
+            if at.elapsed() < Duration::from_secs(window) {
+                return Ok(id);
+            }
+        }
+        let ttl = (ttl + window) as i64;
+        let g = self.store.lease_grant(ttl).await?;
+        *self.event_lease.lock() = Some((g.id, Instant::now()));
+        Ok(g.id)
     }
 
     /// A namespace was marked for deletion: its contents are removed in the background.

@@ -302,6 +302,15 @@ fn record_manager(obj: &mut Value, opts: &WriteOpts, api_version: &str, old: Opt
     meta_mut(obj).insert("managedFields".into(), Value::Array(entries));
 }
 
+/// Events live for `--event-ttl` after their last write: they are attached to a lease.
+async fn lease_for(st: &ApiState, def: &ResourceDef) -> ApiResult<i64> {
+    if def.kind == "Event" && (def.group.is_empty() || def.group == "events.k8s.io") {
+        st.event_lease().await
+    } else {
+        Ok(0)
+    }
+}
+
 /// Namespace lifecycle admission: the namespace must exist and not be terminating.
 async fn check_namespace(st: &ApiState, def: &ResourceDef, ns: &str) -> ApiResult<()> {
     if !def.namespaced {
@@ -411,6 +420,7 @@ pub async fn create(
         }
         return Ok((obj, warnings));
     }
+    let lease = lease_for(st, def).await?;
     // Generated names retry on collision, as upstream.
     for attempt in 0..8 {
         let name = meta_str(&obj, "name").to_string();
@@ -421,7 +431,7 @@ pub async fn create(
             .txn(
                 TxnRequest::new()
                     .when([Compare::absent(key.clone())])
-                    .and_then([TxnOp::Put(PutRequest::new(key.clone(), bytes))]),
+                    .and_then([TxnOp::Put(PutRequest::new(key.clone(), bytes).lease(lease))]),
             )
             .await?;
         if resp.succeeded {
@@ -654,7 +664,9 @@ pub async fn update(
     let op = if finalized {
         TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(key.clone())))
     } else {
-        TxnOp::Put(PutRequest::new(key.clone(), encode_for_store(&obj)))
+        TxnOp::Put(
+            PutRequest::new(key.clone(), encode_for_store(&obj)).lease(lease_for(st, def).await?),
+        )
     };
     let resp = st
         .store

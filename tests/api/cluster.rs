@@ -9,6 +9,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -18,6 +19,11 @@ fn free_port() -> u16 {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// Starts a server with extra `k3rs server` flags.
+    pub fn start_with(args: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("k3rs-api-")
             .tempdir()
@@ -26,6 +32,7 @@ impl Cluster {
             dir,
             port: 0,
             child: None,
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
         };
         c.boot();
         c
@@ -64,6 +71,7 @@ impl Cluster {
             .arg(self.data_dir())
             .arg("--write-kubeconfig")
             .arg(self.kubeconfig())
+            .args(&self.extra_args)
             .env("K3RS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -408,3 +408,34 @@ fn kubectl_create_subcommands_work_through_protobuf_bodies() {
     // Typed deletes send protobuf DeleteOptions too.
     assert!(c.ok(&["delete", "cm", "c1"]).contains("deleted"));
 }
+
+#[test]
+fn events_expire_after_the_event_ttl() {
+    let c = Cluster::start_with(&["--event-ttl", "2s"]);
+    let ev = "apiVersion: v1\nkind: Event\nmetadata: {name: e1, namespace: default}\ninvolvedObject: {kind: Pod, name: p, namespace: default}\nreason: Test\nmessage: hello\ntype: Normal\n";
+    c.ok_stdin(&["create", "-f", "-"], ev);
+    let listed = c.ok(&["get", "events", "-o", "name"]);
+    assert!(listed.contains("event/e1"), "{listed}");
+    let table = c.ok(&["get", "events"]);
+    assert!(
+        table.lines().next().unwrap().starts_with("LAST SEEN"),
+        "{table}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if c.ok(&["get", "events", "-o", "name"]).trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the event did not expire");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Other kinds are not affected.
+    c.ok_stdin(
+        &["create", "-f", "-"],
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: stays}\n",
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(c
+        .ok(&["get", "cm", "stays", "-o", "name"])
+        .contains("stays"));
+}

@@ -24,6 +24,7 @@ test: deps lint
 
 bench: deps
 	$(CARGO) bench -p k3rs-storage
+	$(CARGO) bench -p k3rs --bench api
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -191,24 +191,45 @@ fn wants_table(accept: &str, q: &Query) -> Option<IncludeObject> {
     })
 }
 
-async fn read_body(body: Incoming) -> ApiResult<Bytes> {
-    let limited = http_body_util::Limited::new(body, objects::MAX_BODY_BYTES);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ApiError::too_large(
-                    "Request entity too large: limit is 3145728",
-                ))
-            } else {
-                Err(ApiError::bad_request(format!(
+/// Reads a request body of at most 3 MiB. A larger one is read to its end (up to a bound) and
+/// discarded before the 413 goes out, so that clients see the answer instead of a reset stream.
+async fn read_body(mut body: Incoming) -> ApiResult<Bytes> {
+    use hyper::body::Body as _;
+    const DRAIN_LIMIT: usize = 64 << 20;
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let frame = match tokio::time::timeout_at(
+            deadline,
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)),
+        )
+        .await
+        {
+            Err(_) => return Err(ApiError::timeout("timed out reading the request body")),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!(
                     "reading the request body: {e}"
                 )))
             }
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= objects::MAX_BODY_BYTES {
+                buf.extend_from_slice(&data);
+            } else if total > DRAIN_LIMIT {
+                break;
+            }
         }
     }
+    if total > objects::MAX_BODY_BYTES {
+        return Err(ApiError::too_large(
+            "Request entity too large: limit is 3145728",
+        ));
+    }
+    Ok(buf.freeze())
 }
 
 /// Decodes a JSON, YAML or protobuf request body into an object.

@@ -147,3 +147,148 @@ fn requests_without_credentials_get_401() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A raw HTTPS request with the admin credentials (for cases kubectl cannot express).
+fn curl(c: &Cluster, args: &[&str]) -> (u16, serde_json::Value) {
+    let kc = std::fs::read_to_string(c.kubeconfig()).unwrap();
+    let field = |name: &str| -> Vec<u8> {
+        use std::io::Read;
+        let b64 = kc
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+            .unwrap()
+            .trim()
+            .to_string();
+        let mut out = Vec::new();
+        std::process::Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map(|mut ch| {
+                use std::io::Write;
+                ch.stdin.take().unwrap().write_all(b64.as_bytes()).unwrap();
+                ch.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+                ch.wait().unwrap();
+            })
+            .unwrap();
+        out
+    };
+    let cert = c.write(
+        "admin.crt",
+        &String::from_utf8(field("client-certificate-data")).unwrap(),
+    );
+    let key = c.write(
+        "admin.key",
+        &String::from_utf8(field("client-key-data")).unwrap(),
+    );
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sk", "-o", "-", "-w", "\n%{http_code}", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .args(args);
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn oversized_unsupported_and_disallowed_requests_get_upstream_codes() {
+    let c = Cluster::start();
+    let base = format!("https://127.0.0.1:{}", c.port);
+    let big = c.write(
+        "big.json",
+        &format!(
+            r#"{{"metadata":{{"name":"big"}},"data":{{"a":"{}"}}}}"#,
+            "x".repeat(4 << 20)
+        ),
+    );
+    let (code, status) = curl(
+        &c,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", big.display()),
+            &format!("{base}/api/v1/namespaces/default/configmaps"),
+        ],
+    );
+    assert_eq!(code, 413, "{status}");
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    let (code, status) = curl(
+        &c,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: text/csv",
+            "-d",
+            "a,b",
+            &format!("{base}/api/v1/namespaces/default/configmaps"),
+        ],
+    );
+    assert_eq!(code, 415, "{status}");
+    assert_eq!(status["reason"], "UnsupportedMediaType");
+    let (code, status) = curl(
+        &c,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "{}",
+            &format!("{base}/api/v1/namespaces/default/configmaps/x"),
+        ],
+    );
+    assert_eq!(code, 405, "{status}");
+    assert_eq!(status["reason"], "MethodNotAllowed");
+    let (code, status) = curl(
+        &c,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"metadata":{"name":"x","namespace":"other"}}"#,
+            &format!("{base}/api/v1/namespaces/default/configmaps/x"),
+        ],
+    );
+    assert_eq!(code, 400, "{status}");
+    let (code, status) = curl(
+        &c,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            "[1,2]",
+            &format!("{base}/api/v1/namespaces/default/configmaps"),
+        ],
+    );
+    assert_eq!(code, 400, "{status}");
+    assert_eq!(status["kind"], "Status");
+    let (code, _) = curl(
+        &c,
+        &[&format!(
+            "{base}/api/v1/namespaces/default/configmaps?fieldSelector=spec.x%3Dy"
+        )],
+    );
+    assert_eq!(code, 400);
+    let (code, status) = curl(
+        &c,
+        &[&format!(
+            "{base}/api/v1/namespaces/default/configmaps?limit=1&continue=garbage"
+        )],
+    );
+    assert_eq!(code, 400, "{status}");
+}

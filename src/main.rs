@@ -2,6 +2,7 @@
 
 mod api;
 mod config;
+mod controllers;
 mod kubeconfig;
 mod pki;
 mod server;

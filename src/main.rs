@@ -3,8 +3,10 @@
 mod api;
 mod config;
 mod controllers;
+mod hollow;
 mod kubeconfig;
 mod pki;
+mod rest;
 mod server;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -24,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run a server (API server, controllers, scheduler, embedded store and agent).
     Server(Box<config::ServerArgs>),
+    /// TEST TOOL: fake nodes for tests and benchmarks (no containers ever run).
+    #[command(name = "hollow-nodes")]
+    HollowNodes(hollow::HollowArgs),
     /// Run the installed kubectl with the server's admin kubeconfig.
     Kubectl {
         /// Arguments for kubectl.
@@ -88,6 +93,12 @@ fn main() {
             }
         }
         Command::Kubectl { args } => kubectl(args),
+        Command::HollowNodes(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(hollow::run(args))),
     };
     if let Err(e) = result {
         eprintln!("k3rs: {e:#}");

@@ -924,12 +924,12 @@ fn set_replicas(def: &ResourceDef, obj: &mut Value, n: i64) {
 
 /// POST pods/<name>/binding: assigns the pod to a node.
 async fn bind_pod(
-    st: &ApiState,
-    def: &Arc<ResourceDef>,
+    st: &Arc<ApiState>,
+    _def: &Arc<ResourceDef>,
     ns: Option<&str>,
     name: &str,
     binding: &Value,
-    q: &Query,
+    _q: &Query,
 ) -> ApiResult<()> {
     let node = binding
         .pointer("/target/name")
@@ -944,25 +944,9 @@ async fn bind_pod(
             vec![status::Cause::required("target.name", "")],
         ));
     }
-    let opts = WriteOpts::from_query(q, "kube-scheduler", "Update")?;
-    objects::guaranteed_update(st, def, ns, name, Part::Main, &opts, |cur| {
-        if cur.pointer("/metadata/deletionTimestamp").is_some() {
-            return Err(ApiError::conflict("", "pods", name, "pod is being deleted, cannot be assigned to a host"));
-        }
-        let current = cur.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or_default();
-        if !current.is_empty() {
-            return Err(ApiError::conflict("", "pods", name, &format!("pod {name} is already assigned to node \"{current}\"")));
-        }
-        let mut o = cur.clone();
-        o["spec"]["nodeName"] = json!(node);
-        let conds = o["status"]["conditions"].as_array().cloned().unwrap_or_default();
-        let mut conds: Vec<Value> = conds.into_iter().filter(|c| c["type"] != "PodScheduled").collect();
-        conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": objects::now_rfc3339()}));
-        o["status"]["conditions"] = Value::Array(conds);
-        Ok(o)
-    })
-    .await
-    .map(|_| ())
+    crate::controllers::client::Client::new(st.clone(), "kube-scheduler")
+        .bind(ns.unwrap_or_default(), name, &node)
+        .await
 }
 
 /// Side effects of writes to kinds the server itself acts on (CRDs).

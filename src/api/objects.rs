@@ -495,12 +495,15 @@ async fn get_kv(
 pub enum Part {
     Main,
     Status,
+    /// Spec and status at once (internal writers such as the binding of a pod).
+    All,
 }
 
 /// Merges a requested new version with the current one according to the part written, and
 /// copies the fields only the server sets.
 fn merge_update(def: &ResourceDef, part: Part, old: &Value, new: &mut Value) {
     match part {
+        Part::All => {}
         Part::Main => {
             if def.has_status() {
                 match old.get("status") {
@@ -600,7 +603,7 @@ pub async fn update(
     let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
     merge_update(def, part, &old, &mut obj);
     defaults::apply(&def.group, &def.kind, &mut obj);
-    if has_generation(&obj) && part == Part::Main {
+    if has_generation(&obj) && part != Part::Status {
         let g = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)
@@ -612,7 +615,10 @@ pub async fn update(
         );
     }
     let mut causes = kind_causes(def, &obj);
-    validation::validate_update(&def.group, &def.kind, &old, &obj, &mut causes);
+    if part != Part::All {
+        // Internal writers (the binding of a pod) may change what users may not.
+        validation::validate_update(&def.group, &def.kind, &old, &obj, &mut causes);
+    }
     if old.pointer("/metadata/deletionTimestamp").is_some() {
         // Finalizers may only be removed from an object being deleted.
         let of: Vec<Value> = old

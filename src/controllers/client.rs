@@ -53,29 +53,74 @@ impl Client {
         }
     }
 
-    pub async fn get(&self, def: &Arc<ResourceDef>, ns: Option<&str>, name: &str) -> ApiResult<Value> {
+    pub async fn get(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ApiResult<Value> {
         objects::get(&self.st, def, ns, name).await
     }
 
-    pub async fn create(&self, def: &Arc<ResourceDef>, ns: Option<&str>, obj: Value) -> ApiResult<Value> {
-        objects::create(&self.st, def, ns, obj, &self.opts(), &self.user).await.map(|(o, _)| o)
+    pub async fn create(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        obj: Value,
+    ) -> ApiResult<Value> {
+        objects::create(&self.st, def, ns, obj, &self.opts(), &self.user)
+            .await
+            .map(|(o, _)| o)
     }
 
     /// Replaces an object (its `metadata.resourceVersion` is the precondition).
-    pub async fn update(&self, def: &Arc<ResourceDef>, ns: Option<&str>, obj: Value) -> ApiResult<Value> {
+    pub async fn update(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        obj: Value,
+    ) -> ApiResult<Value> {
         let name = name_of(&obj).to_string();
-        objects::update(&self.st, def, ns, &name, obj, Part::Main, &self.opts(), None).await.map(|(o, _)| o)
+        objects::update(
+            &self.st,
+            def,
+            ns,
+            &name,
+            obj,
+            Part::Main,
+            &self.opts(),
+            None,
+        )
+        .await
+        .map(|(o, _)| o)
     }
 
     /// Replaces an object's status (its `metadata.resourceVersion` is the precondition).
-    pub async fn update_status(&self, def: &Arc<ResourceDef>, ns: Option<&str>, obj: Value) -> ApiResult<Value> {
+    pub async fn update_status(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        obj: Value,
+    ) -> ApiResult<Value> {
         let name = name_of(&obj).to_string();
-        let part = if def.has_status() { Part::Status } else { Part::Main };
-        objects::update(&self.st, def, ns, &name, obj, part, &self.opts(), None).await.map(|(o, _)| o)
+        let part = if def.has_status() {
+            Part::Status
+        } else {
+            Part::Main
+        };
+        objects::update(&self.st, def, ns, &name, obj, part, &self.opts(), None)
+            .await
+            .map(|(o, _)| o)
     }
 
     /// Applies a JSON merge patch to the current object (retrying on conflicts).
-    pub async fn merge_patch(&self, def: &Arc<ResourceDef>, ns: Option<&str>, name: &str, p: &Value) -> ApiResult<Value> {
+    pub async fn merge_patch(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+        p: &Value,
+    ) -> ApiResult<Value> {
         objects::guaranteed_update(&self.st, def, ns, name, Part::Main, &self.opts(), |cur| {
             let mut out = patch::merge_patch(cur, p)?;
             if let Some(md) = out.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -88,8 +133,18 @@ impl Client {
     }
 
     /// Applies a JSON merge patch to the status of the current object.
-    pub async fn merge_patch_status(&self, def: &Arc<ResourceDef>, ns: Option<&str>, name: &str, p: &Value) -> ApiResult<Value> {
-        let part = if def.has_status() { Part::Status } else { Part::Main };
+    pub async fn merge_patch_status(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+        p: &Value,
+    ) -> ApiResult<Value> {
+        let part = if def.has_status() {
+            Part::Status
+        } else {
+            Part::Main
+        };
         objects::guaranteed_update(&self.st, def, ns, name, part, &self.opts(), |cur| {
             let mut out = patch::merge_patch(cur, p)?;
             if let Some(md) = out.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -101,12 +156,25 @@ impl Client {
         .map(|(o, _)| o)
     }
 
-    pub async fn delete(&self, def: &Arc<ResourceDef>, ns: Option<&str>, name: &str, opts: &DeleteOpts) -> ApiResult<Value> {
+    pub async fn delete(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> ApiResult<Value> {
         objects::delete(&self.st, def, ns, name, opts).await
     }
 
     /// Deletes with preconditions on uid (the object the caller decided about).
-    pub async fn delete_uid(&self, def: &Arc<ResourceDef>, ns: Option<&str>, name: &str, uid: &str, propagation: Option<&str>) -> ApiResult<Value> {
+    pub async fn delete_uid(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+        uid: &str,
+        propagation: Option<&str>,
+    ) -> ApiResult<Value> {
         let opts = DeleteOpts {
             precondition_uid: Some(uid.to_string()).filter(|u| !u.is_empty()),
             propagation: propagation.map(str::to_string),
@@ -115,11 +183,12 @@ impl Client {
         objects::delete(&self.st, def, ns, name, &opts).await
     }
 
-    /// Binds a pod to a node (`pods/binding`).
+    /// Binds a pod to a node (`pods/binding`): its node name and its PodScheduled condition in
+    /// one write.
     pub async fn bind(&self, ns: &str, name: &str, node: &str) -> ApiResult<()> {
         let def = self.def("", "v1", "pods");
         let opts = self.opts();
-        objects::guaranteed_update(&self.st, &def, Some(ns), name, Part::Main, &opts, |cur| {
+        objects::guaranteed_update(&self.st, &def, Some(ns), name, Part::All, &opts, |cur| {
             if cur.pointer("/metadata/deletionTimestamp").is_some() {
                 return Err(ApiError::conflict("", "pods", name, "pod is being deleted, cannot be assigned to a host"));
             }
@@ -129,19 +198,9 @@ impl Client {
             }
             let mut o = cur.clone();
             o["spec"]["nodeName"] = json!(node);
-            if let Some(md) = o.get_mut("metadata").and_then(Value::as_object_mut) {
-                md.remove("resourceVersion");
-            }
-            Ok(o)
-        })
-        .await?;
-        // The scheduled condition is status, written through the status subresource.
-        let cond = json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": objects::now_rfc3339()});
-        objects::guaranteed_update(&self.st, &def, Some(ns), name, Part::Status, &opts, |cur| {
-            let mut o = cur.clone();
             let mut conds: Vec<Value> = o["status"]["conditions"].as_array().cloned().unwrap_or_default();
             conds.retain(|c| c["type"] != "PodScheduled");
-            conds.push(cond.clone());
+            conds.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": objects::now_rfc3339()}));
             o["status"]["conditions"] = Value::Array(conds);
             if let Some(md) = o.get_mut("metadata").and_then(Value::as_object_mut) {
                 md.remove("resourceVersion");
@@ -154,15 +213,21 @@ impl Client {
 }
 
 pub fn name_of(v: &Value) -> &str {
-    v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 pub fn namespace_of(v: &Value) -> &str {
-    v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default()
+    v.pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 pub fn uid_of(v: &Value) -> &str {
-    v.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default()
+    v.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 /// `namespace/name` (or `name` for cluster-scoped objects): the queue key of an object.

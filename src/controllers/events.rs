@@ -71,7 +71,9 @@ impl Recorder {
             None => {
                 let nanos = jiff::Timestamp::now().as_nanosecond() as u64;
                 let name = format!("{}.{nanos:x}", name_of(obj));
-                self.recent.lock().insert(dedup, (name.clone(), 1, Instant::now()));
+                self.recent
+                    .lock()
+                    .insert(dedup, (name.clone(), 1, Instant::now()));
                 let ev = json!({
                     "apiVersion": "v1", "kind": "Event",
                     "metadata": {"name": name, "namespace": ns},

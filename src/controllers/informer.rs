@@ -53,7 +53,11 @@ impl Informer {
     pub fn list_namespace(&self, ns: &str) -> Vec<Arc<Value>> {
         let lo = format!("{ns}/");
         let hi = format!("{ns}0"); // '0' follows '/'
-        self.objects.read().range(lo..hi).map(|(_, v)| v.clone()).collect()
+        self.objects
+            .read()
+            .range(lo..hi)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -94,8 +98,14 @@ impl Informer {
         for (k, v) in &fresh {
             match old.get(k) {
                 None => self.notify(Change::Added(v.clone())),
-                Some(o) if o.pointer("/metadata/resourceVersion") != v.pointer("/metadata/resourceVersion") => {
-                    self.notify(Change::Updated { old: o.clone(), new: v.clone() })
+                Some(o)
+                    if o.pointer("/metadata/resourceVersion")
+                        != v.pointer("/metadata/resourceVersion") =>
+                {
+                    self.notify(Change::Updated {
+                        old: o.clone(),
+                        new: v.clone(),
+                    })
                 }
                 Some(_) => {}
             }
@@ -110,7 +120,9 @@ impl Informer {
     fn apply(&self, ev: &CachedEvent) {
         match ev.kind {
             k3rs_storage::EventKind::Put => {
-                let Some(v) = self.decode(&ev.object) else { return };
+                let Some(v) = self.decode(&ev.object) else {
+                    return;
+                };
                 let key = key_of(&v);
                 let old = self.objects.write().insert(key, v.clone());
                 match old {
@@ -119,7 +131,9 @@ impl Informer {
                 }
             }
             k3rs_storage::EventKind::Delete => {
-                let Some(prev) = ev.prev.as_ref().and_then(|p| self.decode(p)) else { return };
+                let Some(prev) = ev.prev.as_ref().and_then(|p| self.decode(p)) else {
+                    return;
+                };
                 let key = key_of(&prev);
                 let old = self.objects.write().remove(&key);
                 self.notify(Change::Deleted(old.unwrap_or(prev)));
@@ -199,7 +213,9 @@ impl Informers {
             synced,
         });
         map.insert(key, inf.clone());
-        self.tasks.lock().push(tokio::spawn(run(self.st.clone(), inf.clone())));
+        self.tasks
+            .lock()
+            .push(tokio::spawn(run(self.st.clone(), inf.clone())));
         inf
     }
 

@@ -6,8 +6,10 @@ pub mod deployment;
 pub mod events;
 pub mod informer;
 pub mod pods;
+pub mod quantity;
 pub mod queue;
 pub mod replicaset;
+pub mod scheduler;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,7 +32,12 @@ pub struct Context {
 
 /// Runs `workers` tasks taking keys from `queue` and handing them to `sync`. A sync that fails
 /// is retried with back-off; one that asks for it is re-run after the returned delay.
-pub fn spawn_workers<F, Fut>(queue: Arc<Queue>, workers: usize, name: &'static str, sync: F) -> Vec<tokio::task::JoinHandle<()>>
+pub fn spawn_workers<F, Fut>(
+    queue: Arc<Queue>,
+    workers: usize,
+    name: &'static str,
+    sync: F,
+) -> Vec<tokio::task::JoinHandle<()>>
 where
     F: Fn(String) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Option<Duration>, ApiError>> + Send + 'static,
@@ -80,7 +87,9 @@ const EXPECTATIONS_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Expectations {
     pub fn expect(&self, key: &str, adds: i64, dels: i64) {
-        self.inner.lock().insert(key.to_string(), (adds, dels, Instant::now()));
+        self.inner
+            .lock()
+            .insert(key.to_string(), (adds, dels, Instant::now()));
     }
     pub fn observed_add(&self, key: &str) {
         if let Some(e) = self.inner.lock().get_mut(key) {
@@ -118,9 +127,16 @@ pub fn start(st: Arc<ApiState>) -> (Arc<Informers>, Vec<tokio::task::JoinHandle<
         informers: informers.clone(),
     });
     let mut tasks = Vec::new();
-    tasks.extend(replicaset::start(ctx.clone(), replicaset::Flavor::ReplicaSet));
-    tasks.extend(replicaset::start(ctx.clone(), replicaset::Flavor::ReplicationController));
+    tasks.extend(replicaset::start(
+        ctx.clone(),
+        replicaset::Flavor::ReplicaSet,
+    ));
+    tasks.extend(replicaset::start(
+        ctx.clone(),
+        replicaset::Flavor::ReplicationController,
+    ));
     tasks.extend(deployment::start(ctx.clone()));
+    tasks.extend(scheduler::start(ctx.clone()));
     (informers, tasks)
 }
 

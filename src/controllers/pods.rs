@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 use crate::controllers::client::{is_terminating, owner_ref};
 
 pub fn phase(p: &Value) -> &str {
-    p.pointer("/status/phase").and_then(Value::as_str).unwrap_or("Pending")
+    p.pointer("/status/phase")
+        .and_then(Value::as_str)
+        .unwrap_or("Pending")
 }
 
 /// Not terminating and not finished.
@@ -49,7 +51,12 @@ pub fn is_available(p: &Value, min_ready_seconds: i64, now: jiff::Timestamp) -> 
 fn restarts(p: &Value) -> i64 {
     p.pointer("/status/containerStatuses")
         .and_then(Value::as_array)
-        .map(|a| a.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).max().unwrap_or(0))
+        .map(|a| {
+            a.iter()
+                .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
         .unwrap_or(0)
 }
 
@@ -64,7 +71,11 @@ fn deletion_cost(p: &Value) -> i64 {
 /// (unassigned, then pending, not ready, lower deletion cost, ready more recently, more restarts,
 /// newer).
 pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
-    let assigned = |p: &Value| p.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+    let assigned = |p: &Value| {
+        p.pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+    };
     let phase_rank = |p: &Value| match phase(p) {
         "Pending" => 0,
         "Unknown" => 1,
@@ -82,13 +93,23 @@ pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
         })
         .then(restarts(b).cmp(&restarts(a)))
         .then_with(|| {
-            let ts = |p: &Value| p.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or_default().to_string();
+            let ts = |p: &Value| {
+                p.pointer("/metadata/creationTimestamp")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
             ts(b).cmp(&ts(a))
         })
 }
 
 /// A pod for `owner` from its pod template, named `<generate_name>xxxxx`.
-pub fn from_template(template: &Value, owner: &Value, generate_name: &str, namespace: &str) -> Value {
+pub fn from_template(
+    template: &Value,
+    owner: &Value,
+    generate_name: &str,
+    namespace: &str,
+) -> Value {
     let mut md = json!({
         "generateName": generate_name,
         "namespace": namespace,
@@ -135,12 +156,27 @@ mod tests {
         pods.sort_by(deletion_order);
         let order: Vec<(&str, &str, bool)> = pods
             .iter()
-            .map(|p| (p["spec"]["nodeName"].as_str().unwrap(), phase(p), is_ready(p)))
+            .map(|p| {
+                (
+                    p["spec"]["nodeName"].as_str().unwrap(),
+                    phase(p),
+                    is_ready(p),
+                )
+            })
             .collect();
         assert_eq!(
             order,
-            vec![("", "Pending", false), ("n1", "Pending", false), ("n1", "Running", false), ("n1", "Running", true), ("n1", "Running", true)]
+            vec![
+                ("", "Pending", false),
+                ("n1", "Pending", false),
+                ("n1", "Running", false),
+                ("n1", "Running", true),
+                ("n1", "Running", true)
+            ]
         );
-        assert_eq!(pods[3]["metadata"]["creationTimestamp"], "2026-01-02T00:00:00Z", "newer first");
+        assert_eq!(
+            pods[3]["metadata"]["creationTimestamp"], "2026-01-02T00:00:00Z",
+            "newer first"
+        );
     }
 }

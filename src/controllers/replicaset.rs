@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 
 use crate::api::selectors::{from_label_selector_object, LabelSelector};
 use crate::api::status::{ApiError, ApiResult};
-use crate::controllers::client::{controller_of, is_terminating, key_of, name_of, namespace_of, split_key, uid_of, Client};
+use crate::controllers::client::{
+    controller_of, is_terminating, key_of, name_of, namespace_of, split_key, uid_of, Client,
+};
 use crate::controllers::events::Recorder;
 use crate::controllers::informer::{Change, Informer};
 use crate::controllers::pods::{self, deletion_order, from_template, is_active};
@@ -41,7 +43,9 @@ impl Flavor {
     fn selector(self, owner: &Value) -> ApiResult<LabelSelector> {
         match self {
             Flavor::ReplicaSet => from_label_selector_object(&owner["spec"]["selector"]),
-            Flavor::ReplicationController => from_label_selector_object(&json!({"matchLabels": owner["spec"]["selector"]})),
+            Flavor::ReplicationController => {
+                from_label_selector_object(&json!({"matchLabels": owner["spec"]["selector"]}))
+            }
         }
     }
 }
@@ -60,7 +64,11 @@ pub struct Plan {
 
 pub fn plan(owner: &Value, selector: &LabelSelector, pods: &[Arc<Value>]) -> Plan {
     let uid = uid_of(owner);
-    let replicas = owner.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0) as usize;
+    let replicas = owner
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1)
+        .max(0) as usize;
     let mut p = Plan::default();
     let mut owned: Vec<&Value> = Vec::new();
     for pod in pods {
@@ -102,8 +110,15 @@ pub fn plan(owner: &Value, selector: &LabelSelector, pods: &[Arc<Value>]) -> Pla
 /// The status the owner should report.
 pub fn status(owner: &Value, pods: &[Arc<Value>], now: jiff::Timestamp) -> Value {
     let uid = uid_of(owner);
-    let min_ready = owner.pointer("/spec/minReadySeconds").and_then(Value::as_i64).unwrap_or(0);
-    let template_labels = owner.pointer("/spec/template/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
+    let min_ready = owner
+        .pointer("/spec/minReadySeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let template_labels = owner
+        .pointer("/spec/template/metadata/labels")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     let owned: Vec<&Arc<Value>> = pods
         .iter()
         .filter(|p| controller_of(p).is_some_and(|c| c["uid"] == uid) && is_active(p))
@@ -112,11 +127,16 @@ pub fn status(owner: &Value, pods: &[Arc<Value>], now: jiff::Timestamp) -> Value
         .iter()
         .filter(|p| {
             let labels = p.pointer("/metadata/labels").and_then(Value::as_object);
-            template_labels.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            template_labels
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         })
         .count();
     let ready = owned.iter().filter(|p| pods::is_ready(p)).count();
-    let available = owned.iter().filter(|p| pods::is_available(p, min_ready, now)).count();
+    let available = owned
+        .iter()
+        .filter(|p| pods::is_available(p, min_ready, now))
+        .count();
     json!({
         "replicas": owned.len(),
         "fullyLabeledReplicas": fully_labeled,
@@ -152,12 +172,24 @@ impl Controller {
             let p = plan(&owner, &selector, &pods);
             for name in &p.adopt {
                 let refs = json!({"metadata": {"ownerReferences": [crate::controllers::client::owner_ref(&owner, true)]}});
-                if let Err(e) = self.client.merge_patch(&pod_def, Some(ns), name, &refs).await {
+                if let Err(e) = self
+                    .client
+                    .merge_patch(&pod_def, Some(ns), name, &refs)
+                    .await
+                {
                     tracing::debug!(pod = %name, error = %e, "adopting");
                 }
             }
             for name in &p.release {
-                let _ = self.client.merge_patch(&pod_def, Some(ns), name, &json!({"metadata": {"ownerReferences": null}})).await;
+                let _ = self
+                    .client
+                    .merge_patch(
+                        &pod_def,
+                        Some(ns),
+                        name,
+                        &json!({"metadata": {"ownerReferences": null}}),
+                    )
+                    .await;
             }
             if p.create > 0 {
                 self.expectations.expect(&key, p.create as i64, 0);
@@ -170,7 +202,8 @@ impl Controller {
                 while left > 0 && failure.is_none() {
                     let n = batch.min(left);
                     let futs = (0..n).map(|_| {
-                        let pod = from_template(&template, &owner, &format!("{}-", name_of(&owner)), ns);
+                        let pod =
+                            from_template(&template, &owner, &format!("{}-", name_of(&owner)), ns);
                         let client = self.client.clone();
                         let def = pod_def.clone();
                         async move { client.create(&def, Some(ns), pod).await }
@@ -179,10 +212,20 @@ impl Controller {
                         match r {
                             Ok(pod) => {
                                 created += 1;
-                                self.recorder.event(&owner, "Normal", "SuccessfulCreate", format!("Created pod: {}", name_of(&pod)));
+                                self.recorder.event(
+                                    &owner,
+                                    "Normal",
+                                    "SuccessfulCreate",
+                                    format!("Created pod: {}", name_of(&pod)),
+                                );
                             }
                             Err(e) => {
-                                self.recorder.event(&owner, "Warning", "FailedCreate", format!("Error creating: {}", e.message));
+                                self.recorder.event(
+                                    &owner,
+                                    "Warning",
+                                    "FailedCreate",
+                                    format!("Error creating: {}", e.message),
+                                );
                                 failure = Some(e);
                             }
                         }
@@ -194,7 +237,15 @@ impl Controller {
                 self.expectations.lower(&key, skipped as i64, 0);
                 if let Some(e) = failure {
                     let cond = json!({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": e.message, "lastTransitionTime": crate::api::objects::now_rfc3339()});
-                    let _ = self.client.merge_patch_status(&owner_def, Some(ns), name_of(&owner), &json!({"status": {"conditions": [cond]}})).await;
+                    let _ = self
+                        .client
+                        .merge_patch_status(
+                            &owner_def,
+                            Some(ns),
+                            name_of(&owner),
+                            &json!({"status": {"conditions": [cond]}}),
+                        )
+                        .await;
                     return Err(e);
                 }
             } else if !p.delete.is_empty() {
@@ -202,15 +253,30 @@ impl Controller {
                 let futs = p.delete.iter().map(|(name, uid)| {
                     let client = self.client.clone();
                     let def = pod_def.clone();
-                    async move { (name.clone(), client.delete_uid(&def, Some(ns), name, uid, None).await) }
+                    async move {
+                        (
+                            name.clone(),
+                            client.delete_uid(&def, Some(ns), name, uid, None).await,
+                        )
+                    }
                 });
                 for (name, r) in futures::future::join_all(futs).await {
                     match r {
-                        Ok(_) => self.recorder.event(&owner, "Normal", "SuccessfulDelete", format!("Deleted pod: {name}")),
+                        Ok(_) => self.recorder.event(
+                            &owner,
+                            "Normal",
+                            "SuccessfulDelete",
+                            format!("Deleted pod: {name}"),
+                        ),
                         Err(e) if e.code == 404 => self.expectations.lower(&key, 0, 1),
                         Err(e) => {
                             self.expectations.lower(&key, 0, 1);
-                            self.recorder.event(&owner, "Warning", "FailedDelete", format!("Error deleting: {}", e.message));
+                            self.recorder.event(
+                                &owner,
+                                "Warning",
+                                "FailedDelete",
+                                format!("Error deleting: {}", e.message),
+                            );
                         }
                     }
                 }
@@ -220,7 +286,10 @@ impl Controller {
         let pods = self.pods.list_namespace(ns);
         let now = jiff::Timestamp::now();
         let mut st = status(&owner, &pods, now);
-        let min_ready = owner.pointer("/spec/minReadySeconds").and_then(Value::as_i64).unwrap_or(0);
+        let min_ready = owner
+            .pointer("/spec/minReadySeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         if min_ready > 0 && st["readyReplicas"] != st["availableReplicas"] {
             requeue = Some(Duration::from_secs(1));
         }
@@ -229,13 +298,24 @@ impl Controller {
             st["conditions"] = Value::Null;
         }
         let current = owner.get("status").cloned().unwrap_or(json!({}));
-        let changed = ["replicas", "fullyLabeledReplicas", "readyReplicas", "availableReplicas", "observedGeneration"]
-            .iter()
-            .any(|f| current.get(*f).cloned().unwrap_or(json!(0)) != st[*f])
+        let changed = [
+            "replicas",
+            "fullyLabeledReplicas",
+            "readyReplicas",
+            "availableReplicas",
+            "observedGeneration",
+        ]
+        .iter()
+        .any(|f| current.get(*f).cloned().unwrap_or(json!(0)) != st[*f])
             || (st["conditions"].is_null() && current.get("conditions").is_some());
         if changed {
             self.client
-                .merge_patch_status(&owner_def, Some(ns), name_of(&owner), &json!({"status": st}))
+                .merge_patch_status(
+                    &owner_def,
+                    Some(ns),
+                    name_of(&owner),
+                    &json!({"status": st}),
+                )
                 .await?;
         }
         Ok(requeue)
@@ -254,7 +334,11 @@ impl Controller {
         self.owners
             .list_namespace(ns)
             .into_iter()
-            .filter(|o| self.flavor.selector(o).is_ok_and(|s| !s.is_empty() && s.matches_object(pod)))
+            .filter(|o| {
+                self.flavor
+                    .selector(o)
+                    .is_ok_and(|s| !s.is_empty() && s.matches_object(pod))
+            })
             .map(|o| key_of(&o))
             .collect()
     }
@@ -263,8 +347,14 @@ impl Controller {
 pub fn start(ctx: Arc<Context>, flavor: Flavor) -> Vec<tokio::task::JoinHandle<()>> {
     let client = ctx.client(flavor.manager());
     let (owner_def, pod_def) = match flavor {
-        Flavor::ReplicaSet => (client.def("apps", "v1", "replicasets"), client.def("", "v1", "pods")),
-        Flavor::ReplicationController => (client.def("", "v1", "replicationcontrollers"), client.def("", "v1", "pods")),
+        Flavor::ReplicaSet => (
+            client.def("apps", "v1", "replicasets"),
+            client.def("", "v1", "pods"),
+        ),
+        Flavor::ReplicationController => (
+            client.def("", "v1", "replicationcontrollers"),
+            client.def("", "v1", "pods"),
+        ),
     };
     let c = Arc::new(Controller {
         flavor,
@@ -347,7 +437,8 @@ mod tests {
     }
 
     fn pod(name: &str, owner: Option<&str>, app: &str, phase: &str) -> Arc<Value> {
-        let refs = owner.map(|u| json!([{"kind": "ReplicaSet", "name": "rs", "uid": u, "controller": true}]));
+        let refs = owner
+            .map(|u| json!([{"kind": "ReplicaSet", "name": "rs", "uid": u, "controller": true}]));
         Arc::new(json!({
             "metadata": {"name": name, "namespace": "d", "labels": {"app": app}, "ownerReferences": refs},
             "status": {"phase": phase}

@@ -411,6 +411,9 @@ pub async fn create(
     if has_generation(&obj) {
         meta_mut(&mut obj).insert("generation".into(), json!(1));
     }
+    if def.group == "batch" && def.kind == "Job" {
+        job_selector(&mut obj);
+    }
     record_manager(&mut obj, opts, &def.api_version(), None);
     let name = meta_str(&obj, "name").to_string();
     if opts.dry_run {
@@ -451,6 +454,33 @@ pub async fn create(
 
 fn unreachable_generate() -> ApiResult<(Value, Vec<String>)> {
     Err(ApiError::internal("could not generate a unique name"))
+}
+
+/// A Job's selector and pod labels from its uid, as upstream's job strategy generates them
+/// (unless `manualSelector`).
+fn job_selector(obj: &mut Value) {
+    if obj.pointer("/spec/manualSelector").and_then(Value::as_bool) == Some(true) {
+        return;
+    }
+    let uid = meta_str(obj, "uid").to_string();
+    let name = meta_str(obj, "name").to_string();
+    let labels = json!({
+        "batch.kubernetes.io/controller-uid": uid,
+        "batch.kubernetes.io/job-name": name,
+        "controller-uid": uid,
+        "job-name": name,
+    });
+    obj["spec"]["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+    if !obj["spec"]["template"]["metadata"].is_object() {
+        obj["spec"]["template"]["metadata"] = json!({});
+    }
+    let tl = &mut obj["spec"]["template"]["metadata"]["labels"];
+    if !tl.is_object() {
+        *tl = json!({});
+    }
+    for (k, v) in labels.as_object().expect("object") {
+        tl[k] = v.clone();
+    }
 }
 
 /// Status fields some kinds start with (after a create reset the rest).

@@ -4,7 +4,9 @@
 pub mod client;
 pub mod deployment;
 pub mod events;
+pub mod gc;
 pub mod informer;
+pub mod job;
 pub mod pods;
 pub mod quantity;
 pub mod queue;
@@ -137,6 +139,8 @@ pub fn start(st: Arc<ApiState>) -> (Arc<Informers>, Vec<tokio::task::JoinHandle<
     ));
     tasks.extend(deployment::start(ctx.clone()));
     tasks.extend(scheduler::start(ctx.clone()));
+    tasks.extend(gc::start(ctx.clone()));
+    tasks.extend(job::start(ctx.clone()));
     (informers, tasks)
 }
 

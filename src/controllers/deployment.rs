@@ -14,6 +14,7 @@ use crate::controllers::client::{
     Client,
 };
 use crate::controllers::events::Recorder;
+use crate::controllers::history::{fnv32a, safe_encode};
 use crate::controllers::informer::Informer;
 use crate::controllers::pods::is_active;
 use crate::controllers::queue::Queue;
@@ -24,23 +25,6 @@ const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
 const DESIRED: &str = "deployment.kubernetes.io/desired-replicas";
 const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 const HASH_LABEL: &str = "pod-template-hash";
-
-/// Upstream's alphabet for encoded hashes (no vowels, no ambiguous characters).
-fn safe_encode(s: &str) -> String {
-    const ALPHANUMS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    s.bytes()
-        .map(|b| ALPHANUMS[b as usize % ALPHANUMS.len()] as char)
-        .collect()
-}
-
-fn fnv32a(data: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in data {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
 
 /// The pod-template-hash of a template (and collision count).
 pub fn template_hash(template: &Value, collision_count: i64) -> String {

@@ -2,9 +2,11 @@
 //! expectations, event recording, leader election) and the controllers built on it.
 
 pub mod client;
+pub mod daemonset;
 pub mod deployment;
 pub mod events;
 pub mod gc;
+pub mod history;
 pub mod informer;
 pub mod job;
 pub mod pods;
@@ -12,6 +14,7 @@ pub mod quantity;
 pub mod queue;
 pub mod replicaset;
 pub mod scheduler;
+pub mod statefulset;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -141,6 +144,8 @@ pub fn start(st: Arc<ApiState>) -> (Arc<Informers>, Vec<tokio::task::JoinHandle<
     tasks.extend(scheduler::start(ctx.clone()));
     tasks.extend(gc::start(ctx.clone()));
     tasks.extend(job::start(ctx.clone()));
+    tasks.extend(statefulset::start(ctx.clone()));
+    tasks.extend(daemonset::start(ctx.clone()));
     (informers, tasks)
 }
 

@@ -411,7 +411,15 @@ pub async fn run(args: HollowArgs) -> Result<()> {
     }
     // Pods: one watch for every node of this process.
     loop {
-        let list = h.client.get("/api/v1/pods").await?;
+        // The server may restart under the test tool: keep retrying, as a kubelet does.
+        let list = match h.client.get("/api/v1/pods").await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing pods");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let rv = list
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)

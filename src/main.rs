@@ -3,6 +3,7 @@
 mod api;
 mod config;
 mod controllers;
+mod cron;
 mod hollow;
 mod kubeconfig;
 mod pki;

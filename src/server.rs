@@ -41,7 +41,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let server = tokio::spawn(api::http::serve(st.clone(), listener, tls, shutdown_rx));
     api::bootstrap(&st).await?;
     let ns_task = tokio::spawn(api::namespaces::run(st.clone(), ns_rx));
-    let (informers, controller_tasks) = crate::controllers::start(st.clone());
+    let controllers = crate::controllers::start(st.clone());
     st.ready.store(true, Ordering::SeqCst);
 
     let host = if cfg.bind_address.is_unspecified() {
@@ -76,10 +76,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = server.await;
     ns_task.abort();
-    for t in controller_tasks {
-        t.abort();
-    }
-    informers.shutdown();
+    controllers.shutdown().await;
     st.caches.shutdown();
     drop(st);
     store.shutdown().await;

@@ -22,9 +22,14 @@ fn all_opts() -> ListOpts {
     }
 }
 
-/// One pass over a terminating namespace; `true` when it is gone.
+/// One pass over a terminating namespace; `true` when it is gone. Each pass records upstream's
+/// deletion conditions on the namespace (what remains, which finalizers hold it).
 async fn finalize(st: &ApiState, ns: &str) -> anyhow::Result<bool> {
     let mut remaining = 0;
+    // Per resource (`pods.`, `widgets.example.com`): instances left; per finalizer: instances.
+    let mut left: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut finalizers: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut failure: Option<String> = None;
     let mut seen = std::collections::BTreeSet::new();
     for def in st.registry.all() {
         if !def.namespaced || !seen.insert(def.key_prefix(Some(ns))) {
@@ -39,28 +44,44 @@ async fn finalize(st: &ApiState, ns: &str) -> anyhow::Result<bool> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            match objects::delete(
+            let res = objects::delete(
                 st,
                 &def,
                 Some(ns),
                 &name,
                 &DeleteOpts {
-                    grace_period: Some(0),
+                    propagation: Some("Background".into()),
                     ..Default::default()
                 },
             )
-            .await
-            {
-                Ok(left) => {
-                    if left.pointer("/metadata/deletionTimestamp").is_some() {
+            .await;
+            match res {
+                Ok(obj) => {
+                    if obj.pointer("/metadata/deletionTimestamp").is_some() {
                         remaining += 1;
+                        *left
+                            .entry(format!("{}.{}", def.plural, def.group))
+                            .or_default() += 1;
+                        for f in obj
+                            .pointer("/metadata/finalizers")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                        {
+                            *finalizers.entry(f.to_string()).or_default() += 1;
+                        }
                     }
                 }
                 Err(e) if e.code == 404 => {}
-                Err(e) => return Err(anyhow::anyhow!("deleting {}/{name}: {e}", def.plural)),
+                Err(e) => {
+                    remaining += 1;
+                    failure.get_or_insert(format!("Failed to delete all resource types, 1 remaining: {e}"));
+                }
             }
         }
     }
+    record_conditions(st, ns, &left, &finalizers, failure.as_deref()).await;
     if remaining > 0 {
         return Ok(false);
     }
@@ -104,6 +125,100 @@ async fn finalize(st: &ApiState, ns: &str) -> anyhow::Result<bool> {
         ))
         .await?;
     Ok(true)
+}
+
+fn counts(m: &std::collections::BTreeMap<String, usize>, verb: &str) -> String {
+    m.iter()
+        .map(|(k, n)| format!("{k} {verb} {n} resource instances"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The conditions upstream's namespace controller reports while it deletes content.
+pub fn deletion_conditions(
+    left: &std::collections::BTreeMap<String, usize>,
+    finalizers: &std::collections::BTreeMap<String, usize>,
+    failure: Option<&str>,
+) -> Vec<Value> {
+    let c = |ty: &str, status: bool, reason: &str, message: String| {
+        serde_json::json!({"type": ty, "status": if status { "True" } else { "False" }, "reason": reason, "message": message})
+    };
+    vec![
+        c("NamespaceDeletionDiscoveryFailure", false, "ResourcesDiscovered", "All resources successfully discovered".into()),
+        c("NamespaceDeletionGroupVersionParsingFailure", false, "ParsedGroupVersions", "All legacy kube types successfully parsed".into()),
+        match failure {
+            Some(m) => c("NamespaceDeletionContentFailure", true, "ContentDeletionFailed", m.to_string()),
+            None => c("NamespaceDeletionContentFailure", false, "ContentDeleted", "All content successfully deleted, may be waiting on finalization".into()),
+        },
+        if left.is_empty() {
+            c("NamespaceContentRemaining", false, "ContentRemoved", "All content successfully removed".into())
+        } else {
+            c("NamespaceContentRemaining", true, "SomeResourcesRemain", format!("Some resources are remaining: {}", counts(left, "has")))
+        },
+        if finalizers.is_empty() {
+            c("NamespaceFinalizersRemaining", false, "ContentHasNoFinalizers", "All content-preserving finalizers finished".into())
+        } else {
+            c("NamespaceFinalizersRemaining", true, "SomeFinalizersRemain", format!("Some content in the namespace has finalizers remaining: {}", counts(finalizers, "in")))
+        },
+    ]
+}
+
+/// Writes the deletion conditions when they changed (keeping lastTransitionTime otherwise).
+async fn record_conditions(
+    st: &ApiState,
+    ns: &str,
+    left: &std::collections::BTreeMap<String, usize>,
+    finalizers: &std::collections::BTreeMap<String, usize>,
+    failure: Option<&str>,
+) {
+    let def = st.registry.get("", "v1", "namespaces").expect("builtin");
+    let want = deletion_conditions(left, finalizers, failure);
+    let opts = WriteOpts {
+        dry_run: false,
+        field_validation: FieldValidation::Ignore,
+        field_manager: "k3rs-namespace-controller".into(),
+        operation: "Update",
+    };
+    let _ = objects::guaranteed_update(st, &def, None, ns, Part::Status, &opts, |cur| {
+        let have: Vec<Value> = cur
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let now = objects::now_rfc3339();
+        let mut changed = false;
+        let merged: Vec<Value> = want
+            .iter()
+            .map(|w| {
+                let old = have.iter().find(|h| h["type"] == w["type"]);
+                let mut c = w.clone();
+                match old {
+                    Some(o) if o["status"] == w["status"] && o["reason"] == w["reason"] && o["message"] == w["message"] => {
+                        c["lastTransitionTime"] = o["lastTransitionTime"].clone();
+                    }
+                    Some(o) if o["status"] == w["status"] => {
+                        changed = true;
+                        c["lastTransitionTime"] = o["lastTransitionTime"].clone();
+                    }
+                    _ => {
+                        changed = true;
+                        c["lastTransitionTime"] = serde_json::json!(now);
+                    }
+                }
+                c
+            })
+            .collect();
+        if !changed {
+            return Err(crate::api::status::ApiError::conflict("", "namespaces", ns, "unchanged"));
+        }
+        let mut o = cur.clone();
+        o["status"]["conditions"] = Value::Array(merged);
+        if let Some(md) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            md.remove("resourceVersion");
+        }
+        Ok(o)
+    })
+    .await;
 }
 
 /// Runs until shutdown: finalizes namespaces marked for deletion (also those found at start).

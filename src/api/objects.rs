@@ -696,6 +696,11 @@ pub async fn update(
         && obj
             .pointer("/metadata/finalizers")
             .and_then(Value::as_array)
+            .is_none_or(|f| f.is_empty())
+        // A namespace also waits for its spec finalizers (the namespace controller's).
+        && obj
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
             .is_none_or(|f| f.is_empty());
     let op = if finalized {
         TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(key.clone())))

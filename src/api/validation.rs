@@ -329,8 +329,16 @@ pub fn validate_kind(group: &str, kind: &str, obj: &Value, out: &mut Vec<Cause>)
             }
         }
         ("batch", "CronJob") => {
-            if str_at(obj, "/spec/schedule").is_empty() {
+            let schedule = str_at(obj, "/spec/schedule");
+            if schedule.is_empty() {
                 out.push(Cause::required("spec.schedule", ""));
+            } else if let Err(e) = crate::cron::parse(schedule) {
+                out.push(Cause::invalid("spec.schedule", &obj["spec"]["schedule"], &e));
+            }
+            if let Some(tz) = obj.pointer("/spec/timeZone").and_then(Value::as_str) {
+                if let Err(e) = crate::cron::time_zone(Some(tz)) {
+                    out.push(Cause::invalid("spec.timeZone", &obj["spec"]["timeZone"], &e));
+                }
             }
             validate_pod_spec(
                 &obj["spec"]["jobTemplate"]["spec"]["template"]["spec"],

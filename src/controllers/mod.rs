@@ -2,6 +2,7 @@
 //! expectations, event recording, leader election) and the controllers built on it.
 
 pub mod client;
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod events;
@@ -9,6 +10,7 @@ pub mod gc;
 pub mod history;
 pub mod informer;
 pub mod job;
+pub mod leader;
 pub mod pods;
 pub mod quantity;
 pub mod queue;
@@ -124,29 +126,70 @@ impl Expectations {
     }
 }
 
-/// Starts every control loop. Returns their tasks (aborted at shutdown).
-pub fn start(st: Arc<ApiState>) -> (Arc<Informers>, Vec<tokio::task::JoinHandle<()>>) {
+/// The running control plane loops (see [`start`]).
+pub struct Running {
+    pub informers: Arc<Informers>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the loops and releases the leases (so a restart leads at once).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.informers.shutdown();
+    }
+}
+
+/// Starts every control loop, each component under its leader-election lease in `kube-system`
+/// (`kube-controller-manager` for the controllers, `kube-scheduler` for the scheduler).
+pub fn start(st: Arc<ApiState>) -> Running {
     let informers = Informers::new(st.clone());
     let ctx = Arc::new(Context {
         st: st.clone(),
         informers: informers.clone(),
     });
-    let mut tasks = Vec::new();
-    tasks.extend(replicaset::start(
-        ctx.clone(),
-        replicaset::Flavor::ReplicaSet,
-    ));
-    tasks.extend(replicaset::start(
-        ctx.clone(),
-        replicaset::Flavor::ReplicationController,
-    ));
-    tasks.extend(deployment::start(ctx.clone()));
-    tasks.extend(scheduler::start(ctx.clone()));
-    tasks.extend(gc::start(ctx.clone()));
-    tasks.extend(job::start(ctx.clone()));
-    tasks.extend(statefulset::start(ctx.clone()));
-    tasks.extend(daemonset::start(ctx.clone()));
-    (informers, tasks)
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let c = ctx.clone();
+    let controllers = leader::run_elected(
+        ctx.client("kube-controller-manager"),
+        "kube-controller-manager",
+        stop_rx.clone(),
+        move || {
+            let ctx = c.clone();
+            let mut tasks = Vec::new();
+            tasks.extend(replicaset::start(
+                ctx.clone(),
+                replicaset::Flavor::ReplicaSet,
+            ));
+            tasks.extend(replicaset::start(
+                ctx.clone(),
+                replicaset::Flavor::ReplicationController,
+            ));
+            tasks.extend(deployment::start(ctx.clone()));
+            tasks.extend(gc::start(ctx.clone()));
+            tasks.extend(job::start(ctx.clone()));
+            tasks.extend(cronjob::start(ctx.clone()));
+            tasks.extend(statefulset::start(ctx.clone()));
+            tasks.extend(daemonset::start(ctx.clone()));
+            tasks
+        },
+    );
+    let c = ctx.clone();
+    let scheduler = leader::run_elected(
+        ctx.client("kube-scheduler"),
+        "kube-scheduler",
+        stop_rx,
+        move || scheduler::start(c.clone()),
+    );
+    Running {
+        informers,
+        stop,
+        tasks: vec![controllers, scheduler],
+    }
 }
 
 impl Context {

@@ -143,13 +143,17 @@ fn field(s: &str, min: u32, max: u32, names: &[&str]) -> Result<(u64, bool), Str
             (v, if step.is_some() { max } else { v })
         };
         if lo < min {
-            return Err(format!("beginning of range ({lo}) below minimum ({min}): {part}"));
+            return Err(format!(
+                "beginning of range ({lo}) below minimum ({min}): {part}"
+            ));
         }
         if hi > max {
             return Err(format!("end of range ({hi}) above maximum ({max}): {part}"));
         }
         if lo > hi {
-            return Err(format!("beginning of range ({lo}) beyond end of range ({hi}): {part}"));
+            return Err(format!(
+                "beginning of range ({lo}) beyond end of range ({hi}): {part}"
+            ));
         }
         let step = step.unwrap_or(1);
         let mut v = lo;
@@ -207,7 +211,11 @@ impl Fields {
                 continue;
             }
             if !self.day_matches(t.date()) {
-                t = t.date().tomorrow().ok()?.to_datetime(jiff::civil::time(0, 0, 0, 0));
+                t = t
+                    .date()
+                    .tomorrow()
+                    .ok()?
+                    .to_datetime(jiff::civil::time(0, 0, 0, 0));
                 continue;
             }
             if !has(self.hour, t.hour()) {
@@ -322,22 +330,42 @@ mod tests {
     #[test]
     fn next_times_follow_cron_rules() {
         let cases = [
-            ("*/5 * * * *", "2026-01-01T00:02:00Z", "2026-01-01T00:05:00Z"),
-            ("*/5 * * * *", "2026-01-01T00:05:00Z", "2026-01-01T00:10:00Z"),
+            (
+                "*/5 * * * *",
+                "2026-01-01T00:02:00Z",
+                "2026-01-01T00:05:00Z",
+            ),
+            (
+                "*/5 * * * *",
+                "2026-01-01T00:05:00Z",
+                "2026-01-01T00:10:00Z",
+            ),
             ("* * * * *", "2026-01-01T00:05:30Z", "2026-01-01T00:06:00Z"),
-            ("0 9 * * MON-FRI", "2026-01-02T10:00:00Z", "2026-01-05T09:00:00Z"),
+            (
+                "0 9 * * MON-FRI",
+                "2026-01-02T10:00:00Z",
+                "2026-01-05T09:00:00Z",
+            ),
             ("30 2 1 * *", "2026-01-15T00:00:00Z", "2026-02-01T02:30:00Z"),
             ("0 0 29 2 *", "2026-03-01T00:00:00Z", "2028-02-29T00:00:00Z"),
             // Both day fields restricted: either matches (the 13th, or a Friday).
             ("0 0 13 * 5", "2026-02-01T00:00:00Z", "2026-02-06T00:00:00Z"),
             // One is `*`: both must match (Fridays only).
             ("0 0 * * 5", "2026-02-01T00:00:00Z", "2026-02-06T00:00:00Z"),
-            ("0 12 * jan,JUL *", "2026-02-01T00:00:00Z", "2026-07-01T12:00:00Z"),
+            (
+                "0 12 * jan,JUL *",
+                "2026-02-01T00:00:00Z",
+                "2026-07-01T12:00:00Z",
+            ),
             ("@hourly", "2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z"),
             ("@yearly", "2026-06-01T00:00:00Z", "2027-01-01T00:00:00Z"),
             ("@weekly", "2026-01-01T00:00:00Z", "2026-01-04T00:00:00Z"),
             ("@every 90s", "2026-01-01T00:00:00Z", "2026-01-01T00:01:30Z"),
-            ("5-10/2 * * * *", "2026-01-01T00:07:00Z", "2026-01-01T00:09:00Z"),
+            (
+                "5-10/2 * * * *",
+                "2026-01-01T00:07:00Z",
+                "2026-01-01T00:09:00Z",
+            ),
         ];
         for (spec, after, want) in cases {
             assert_eq!(next(spec, after, "UTC"), want, "{spec} after {after}");
@@ -361,12 +389,18 @@ mod tests {
 
     #[test]
     fn bad_schedules_say_what_is_wrong() {
-        assert!(parse("* * * *").unwrap_err().contains("expected exactly 5 fields"));
+        assert!(parse("* * * *")
+            .unwrap_err()
+            .contains("expected exactly 5 fields"));
         assert!(parse("61 * * * *").unwrap_err().contains("above maximum"));
         assert!(parse("*/0 * * * *").unwrap_err().contains("positive"));
         assert!(parse("@fortnightly").unwrap_err().contains("unrecognized"));
-        assert!(parse("TZ=UTC * * * * *").unwrap_err().contains("timeZone field"));
-        assert!(parse("x * * * *").unwrap_err().contains("failed to parse int"));
+        assert!(parse("TZ=UTC * * * * *")
+            .unwrap_err()
+            .contains("timeZone field"));
+        assert!(parse("x * * * *")
+            .unwrap_err()
+            .contains("failed to parse int"));
     }
 
     #[test]

@@ -254,25 +254,44 @@ impl Hollow {
             .pointer("/status/phase")
             .and_then(Value::as_str)
             .unwrap_or("Pending");
-        if phase != "Pending" || self.handled.lock().contains_key(&uid) {
+        if (phase != "Pending" && phase != "Running") || self.handled.lock().contains_key(&uid) {
             return;
         }
         self.handled.lock().insert(uid.clone(), "started");
+        // A pod already Running (this tool restarted): it keeps running from its start time.
+        let running_since: Option<(String, Duration)> = (phase == "Running")
+            .then(|| pod.pointer("/status/startTime").and_then(Value::as_str))
+            .flatten()
+            .and_then(|s| {
+                let t: jiff::Timestamp = s.parse().ok()?;
+                let ran = jiff::Timestamp::now().as_millisecond() - t.as_millisecond();
+                Some((s.to_string(), Duration::from_millis(ran.max(0) as u64)))
+            });
+        if phase == "Running" && running_since.is_none() {
+            return;
+        }
         let delay = Duration::from_millis(self.args.startup_delay_ms);
         let ip = self.pod_ip(n);
         let host_ip = format!("192.0.2.{}", n.index % 250 + 1);
         let me = self.clone();
         tokio::spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let started = now();
             let containers: Vec<Value> = pod
                 .pointer("/spec/containers")
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            let statuses: Vec<Value> = containers
+            let (started, ran) = match running_since {
+                Some(r) => r,
+                None => {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    (now(), Duration::ZERO)
+                }
+            };
+            let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": started});
+            if ran.is_zero() {
+                let statuses: Vec<Value> = containers
                 .iter()
                 .map(|c| {
                     let image = c["image"].as_str().unwrap_or_default();
@@ -281,20 +300,20 @@ impl Hollow {
                            "state": {"running": {"startedAt": started}}})
                 })
                 .collect();
-            let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": started});
-            let status = json!({"status": {
-                "phase": "Running", "hostIP": host_ip, "hostIPs": [{"ip": host_ip}], "podIP": ip, "podIPs": [{"ip": ip}], "startTime": started,
-                "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
-                "containerStatuses": statuses,
-            }});
-            if let Err(e) = me
-                .client
-                .merge_patch(&format!("{path}/status"), &status)
-                .await
-            {
-                tracing::debug!(pod = %name, error = %e, "starting");
-                me.handled.lock().remove(&uid);
-                return;
+                let status = json!({"status": {
+                    "phase": "Running", "hostIP": host_ip, "hostIPs": [{"ip": host_ip}], "podIP": ip, "podIPs": [{"ip": ip}], "startTime": started,
+                    "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
+                    "containerStatuses": statuses,
+                }});
+                if let Err(e) = me
+                    .client
+                    .merge_patch(&format!("{path}/status"), &status)
+                    .await
+                {
+                    tracing::debug!(pod = %name, error = %e, "starting");
+                    me.handled.lock().remove(&uid);
+                    return;
+                }
             }
             // Commands that end (only where the pod does not restart them).
             let restart = pod
@@ -305,7 +324,7 @@ impl Hollow {
                 return;
             }
             let fates: Vec<Fate> = containers.iter().map(fate).collect();
-            if fates.iter().any(|f| *f == Fate::RunsForever) {
+            if fates.contains(&Fate::RunsForever) {
                 return;
             }
             let longest = fates
@@ -324,7 +343,7 @@ impl Hollow {
                 })
                 .find(|c| *c != 0)
                 .unwrap_or(0);
-            tokio::time::sleep(longest.max(Duration::from_millis(50))).await;
+            tokio::time::sleep(longest.saturating_sub(ran).max(Duration::from_millis(50))).await;
             let finished = now();
             let statuses: Vec<Value> = containers
                 .iter()

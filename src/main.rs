@@ -29,7 +29,7 @@ enum Command {
     Server(Box<config::ServerArgs>),
     /// TEST TOOL: fake nodes for tests and benchmarks (no containers ever run).
     #[command(name = "hollow-nodes")]
-    HollowNodes(hollow::HollowArgs),
+    HollowNodes(Box<hollow::HollowArgs>),
     /// Run the installed kubectl with the server's admin kubeconfig.
     Kubectl {
         /// Arguments for kubectl.
@@ -99,7 +99,7 @@ fn main() {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(hollow::run(args))),
+            .and_then(|rt| rt.block_on(hollow::run(*args))),
     };
     if let Err(e) = result {
         eprintln!("k3rs: {e:#}");

@@ -258,15 +258,6 @@ impl RestClient {
         .await
     }
 
-    pub async fn put(&self, path: &str, body: &Value) -> Result<Value> {
-        self.json(
-            Method::PUT,
-            path,
-            Some(("application/json", serde_json::to_vec(body)?)),
-        )
-        .await
-    }
-
     pub async fn merge_patch(&self, path: &str, body: &Value) -> Result<Value> {
         self.json(
             Method::PATCH,

@@ -76,7 +76,9 @@ async fn finalize(st: &ApiState, ns: &str) -> anyhow::Result<bool> {
                 Err(e) if e.code == 404 => {}
                 Err(e) => {
                     remaining += 1;
-                    failure.get_or_insert(format!("Failed to delete all resource types, 1 remaining: {e}"));
+                    failure.get_or_insert(format!(
+                        "Failed to delete all resource types, 1 remaining: {e}"
+                    ));
                 }
             }
         }
@@ -140,25 +142,66 @@ pub fn deletion_conditions(
     finalizers: &std::collections::BTreeMap<String, usize>,
     failure: Option<&str>,
 ) -> Vec<Value> {
-    let c = |ty: &str, status: bool, reason: &str, message: String| {
-        serde_json::json!({"type": ty, "status": if status { "True" } else { "False" }, "reason": reason, "message": message})
-    };
+    let c = |ty: &str, status: bool, reason: &str, message: String| serde_json::json!({"type": ty, "status": if status { "True" } else { "False" }, "reason": reason, "message": message});
     vec![
-        c("NamespaceDeletionDiscoveryFailure", false, "ResourcesDiscovered", "All resources successfully discovered".into()),
-        c("NamespaceDeletionGroupVersionParsingFailure", false, "ParsedGroupVersions", "All legacy kube types successfully parsed".into()),
+        c(
+            "NamespaceDeletionDiscoveryFailure",
+            false,
+            "ResourcesDiscovered",
+            "All resources successfully discovered".into(),
+        ),
+        c(
+            "NamespaceDeletionGroupVersionParsingFailure",
+            false,
+            "ParsedGroupVersions",
+            "All legacy kube types successfully parsed".into(),
+        ),
         match failure {
-            Some(m) => c("NamespaceDeletionContentFailure", true, "ContentDeletionFailed", m.to_string()),
-            None => c("NamespaceDeletionContentFailure", false, "ContentDeleted", "All content successfully deleted, may be waiting on finalization".into()),
+            Some(m) => c(
+                "NamespaceDeletionContentFailure",
+                true,
+                "ContentDeletionFailed",
+                m.to_string(),
+            ),
+            None => c(
+                "NamespaceDeletionContentFailure",
+                false,
+                "ContentDeleted",
+                "All content successfully deleted, may be waiting on finalization".into(),
+            ),
         },
         if left.is_empty() {
-            c("NamespaceContentRemaining", false, "ContentRemoved", "All content successfully removed".into())
+            c(
+                "NamespaceContentRemaining",
+                false,
+                "ContentRemoved",
+                "All content successfully removed".into(),
+            )
         } else {
-            c("NamespaceContentRemaining", true, "SomeResourcesRemain", format!("Some resources are remaining: {}", counts(left, "has")))
+            c(
+                "NamespaceContentRemaining",
+                true,
+                "SomeResourcesRemain",
+                format!("Some resources are remaining: {}", counts(left, "has")),
+            )
         },
         if finalizers.is_empty() {
-            c("NamespaceFinalizersRemaining", false, "ContentHasNoFinalizers", "All content-preserving finalizers finished".into())
+            c(
+                "NamespaceFinalizersRemaining",
+                false,
+                "ContentHasNoFinalizers",
+                "All content-preserving finalizers finished".into(),
+            )
         } else {
-            c("NamespaceFinalizersRemaining", true, "SomeFinalizersRemain", format!("Some content in the namespace has finalizers remaining: {}", counts(finalizers, "in")))
+            c(
+                "NamespaceFinalizersRemaining",
+                true,
+                "SomeFinalizersRemain",
+                format!(
+                    "Some content in the namespace has finalizers remaining: {}",
+                    counts(finalizers, "in")
+                ),
+            )
         },
     ]
 }
@@ -193,7 +236,11 @@ async fn record_conditions(
                 let old = have.iter().find(|h| h["type"] == w["type"]);
                 let mut c = w.clone();
                 match old {
-                    Some(o) if o["status"] == w["status"] && o["reason"] == w["reason"] && o["message"] == w["message"] => {
+                    Some(o)
+                        if o["status"] == w["status"]
+                            && o["reason"] == w["reason"]
+                            && o["message"] == w["message"] =>
+                    {
                         c["lastTransitionTime"] = o["lastTransitionTime"].clone();
                     }
                     Some(o) if o["status"] == w["status"] => {
@@ -209,7 +256,12 @@ async fn record_conditions(
             })
             .collect();
         if !changed {
-            return Err(crate::api::status::ApiError::conflict("", "namespaces", ns, "unchanged"));
+            return Err(crate::api::status::ApiError::conflict(
+                "",
+                "namespaces",
+                ns,
+                "unchanged",
+            ));
         }
         let mut o = cur.clone();
         o["status"]["conditions"] = Value::Array(merged);

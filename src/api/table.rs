@@ -517,10 +517,12 @@ fn builtin(group: &str, kind: &str, o: &Value) -> Option<(Vec<Col>, Vec<Value>)>
                     name,
                     json!(s(o, "/spec/schedule")),
                     json!(none_if_empty(s(o, "/spec/timeZone").into())),
-                    json!(o
-                        .pointer("/spec/suspend")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false)),
+                    // Upstream prints the boolean as a string cell: "True"/"False".
+                    json!(match o.pointer("/spec/suspend").and_then(Value::as_bool) {
+                        Some(true) => "True",
+                        Some(false) => "False",
+                        None => "<unset>",
+                    }),
                     json!(o
                         .pointer("/status/active")
                         .and_then(Value::as_array)

@@ -333,11 +333,19 @@ pub fn validate_kind(group: &str, kind: &str, obj: &Value, out: &mut Vec<Cause>)
             if schedule.is_empty() {
                 out.push(Cause::required("spec.schedule", ""));
             } else if let Err(e) = crate::cron::parse(schedule) {
-                out.push(Cause::invalid("spec.schedule", &obj["spec"]["schedule"], &e));
+                out.push(Cause::invalid(
+                    "spec.schedule",
+                    &obj["spec"]["schedule"],
+                    &e,
+                ));
             }
             if let Some(tz) = obj.pointer("/spec/timeZone").and_then(Value::as_str) {
                 if let Err(e) = crate::cron::time_zone(Some(tz)) {
-                    out.push(Cause::invalid("spec.timeZone", &obj["spec"]["timeZone"], &e));
+                    out.push(Cause::invalid(
+                        "spec.timeZone",
+                        &obj["spec"]["timeZone"],
+                        &e,
+                    ));
                 }
             }
             validate_pod_spec(

@@ -32,10 +32,6 @@ impl Client {
         }
     }
 
-    pub fn manager(&self) -> &str {
-        &self.manager
-    }
-
     /// A built-in resource by group, version and plural.
     pub fn def(&self, group: &str, version: &str, plural: &str) -> Arc<ResourceDef> {
         self.st
@@ -93,24 +89,6 @@ impl Client {
         )
         .await
         .map(|(o, _)| o)
-    }
-
-    /// Replaces an object's status (its `metadata.resourceVersion` is the precondition).
-    pub async fn update_status(
-        &self,
-        def: &Arc<ResourceDef>,
-        ns: Option<&str>,
-        obj: Value,
-    ) -> ApiResult<Value> {
-        let name = name_of(&obj).to_string();
-        let part = if def.has_status() {
-            Part::Status
-        } else {
-            Part::Main
-        };
-        objects::update(&self.st, def, ns, &name, obj, part, &self.opts(), None)
-            .await
-            .map(|(o, _)| o)
     }
 
     /// Applies a JSON merge patch to the current object (retrying on conflicts).

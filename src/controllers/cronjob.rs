@@ -56,10 +56,7 @@ pub enum Decision {
     /// Nothing to start; look again after the delay (the next schedule time).
     Wait(Option<Duration>),
     /// Start a job for this schedule time (after deleting `replace`, for Replace).
-    Start {
-        scheduled: Timestamp,
-        missed: usize,
-    },
+    Start { scheduled: Timestamp, missed: usize },
     /// The latest schedule time is past `startingDeadlineSeconds`.
     Missed(Timestamp),
     /// Forbid and a job still runs.
@@ -164,13 +161,17 @@ impl Controller {
         let tz = match cron::time_zone(cj["spec"]["timeZone"].as_str()) {
             Ok(tz) => tz,
             Err(e) => {
-                self.recorder
-                    .event(&cj, "Warning", "UnknownTimeZone", format!("invalid timeZone: {e}"));
+                self.recorder.event(
+                    &cj,
+                    "Warning",
+                    "UnknownTimeZone",
+                    format!("invalid timeZone: {e}"),
+                );
                 return Ok(None);
             }
         };
         let mut last_schedule = ts(&cj, "/status/lastScheduleTime");
-        let mut requeue = None;
+        let requeue;
         match decide(&cj, active.len(), now, &tz) {
             Decision::Wait(after) => requeue = after,
             Decision::Missed(at) => {
@@ -202,7 +203,13 @@ impl Controller {
                         for j in &active {
                             if self
                                 .client
-                                .delete_uid(&job_def, Some(&ns), name_of(j), uid_of(j), Some("Background"))
+                                .delete_uid(
+                                    &job_def,
+                                    Some(&ns),
+                                    name_of(j),
+                                    uid_of(j),
+                                    Some("Background"),
+                                )
                                 .await
                                 .is_ok()
                             {
@@ -227,7 +234,10 @@ impl Controller {
                     if let Some(l) = jt.pointer("/metadata/labels") {
                         md["labels"] = l.clone();
                     }
-                    if let Some(a) = jt.pointer("/metadata/annotations").and_then(Value::as_object) {
+                    if let Some(a) = jt
+                        .pointer("/metadata/annotations")
+                        .and_then(Value::as_object)
+                    {
                         for (k, v) in a {
                             md["annotations"][k] = v.clone();
                         }
@@ -278,11 +288,19 @@ impl Controller {
                 .filter(|j| !is_terminating(j) && job_condition(j, cond).is_some())
                 .collect();
             if done.len() > lim {
-                done.sort_by_key(|j| ts(j, "/status/startTime").or_else(|| ts(j, "/metadata/creationTimestamp")));
+                done.sort_by_key(|j| {
+                    ts(j, "/status/startTime").or_else(|| ts(j, "/metadata/creationTimestamp"))
+                });
                 for j in &done[..done.len() - lim] {
                     if self
                         .client
-                        .delete_uid(&job_def, Some(&ns), name_of(j), uid_of(j), Some("Background"))
+                        .delete_uid(
+                            &job_def,
+                            Some(&ns),
+                            name_of(j),
+                            uid_of(j),
+                            Some("Background"),
+                        )
                         .await
                         .is_ok()
                     {
@@ -319,7 +337,11 @@ impl Controller {
         let same_active = {
             let names = |v: &Value| -> Vec<String> {
                 v.as_array()
-                    .map(|a| a.iter().map(|r| r["uid"].as_str().unwrap_or_default().to_string()).collect())
+                    .map(|a| {
+                        a.iter()
+                            .map(|r| r["uid"].as_str().unwrap_or_default().to_string())
+                            .collect()
+                    })
                     .unwrap_or_default()
             };
             names(&status["active"]) == names(current.get("active").unwrap_or(&Value::Null))
@@ -334,7 +356,12 @@ impl Controller {
             .any(|(k, v)| current.get(k).unwrap_or(&Value::Null) != v);
         if differs {
             self.client
-                .merge_patch_status(&self.cronjobs.def, Some(&ns), name_of(&cj), &json!({"status": status}))
+                .merge_patch_status(
+                    &self.cronjobs.def,
+                    Some(&ns),
+                    name_of(&cj),
+                    &json!({"status": status}),
+                )
                 .await?;
         }
         Ok(requeue)
@@ -410,9 +437,15 @@ mod tests {
         let c = cj(json!({"schedule": "*/5 * * * *"}), json!({}));
         assert_eq!(
             decide(&c, 0, at("2026-01-01T00:12:00Z"), &TimeZone::UTC),
-            Decision::Start { scheduled: at("2026-01-01T00:10:00Z"), missed: 2 }
+            Decision::Start {
+                scheduled: at("2026-01-01T00:10:00Z"),
+                missed: 2
+            }
         );
-        let done = cj(json!({"schedule": "*/5 * * * *"}), json!({"lastScheduleTime": "2026-01-01T00:10:00Z"}));
+        let done = cj(
+            json!({"schedule": "*/5 * * * *"}),
+            json!({"lastScheduleTime": "2026-01-01T00:10:00Z"}),
+        );
         assert_eq!(
             decide(&done, 0, at("2026-01-01T00:12:00Z"), &TimeZone::UTC),
             Decision::Wait(Some(Duration::from_millis(180_100)))
@@ -421,29 +454,56 @@ mod tests {
 
     #[test]
     fn forbid_skips_while_a_job_runs_and_allow_does_not() {
-        let forbid = cj(json!({"schedule": "* * * * *", "concurrencyPolicy": "Forbid"}), json!({}));
+        let forbid = cj(
+            json!({"schedule": "* * * * *", "concurrencyPolicy": "Forbid"}),
+            json!({}),
+        );
         let now = at("2026-01-01T00:03:10Z");
-        assert_eq!(decide(&forbid, 1, now, &TimeZone::UTC), Decision::Forbidden(at("2026-01-01T00:03:00Z")));
-        assert!(matches!(decide(&forbid, 0, now, &TimeZone::UTC), Decision::Start { .. }));
+        assert_eq!(
+            decide(&forbid, 1, now, &TimeZone::UTC),
+            Decision::Forbidden(at("2026-01-01T00:03:00Z"))
+        );
+        assert!(matches!(
+            decide(&forbid, 0, now, &TimeZone::UTC),
+            Decision::Start { .. }
+        ));
         let allow = cj(json!({"schedule": "* * * * *"}), json!({}));
-        assert!(matches!(decide(&allow, 3, now, &TimeZone::UTC), Decision::Start { .. }));
+        assert!(matches!(
+            decide(&allow, 3, now, &TimeZone::UTC),
+            Decision::Start { .. }
+        ));
     }
 
     #[test]
     fn starting_deadline_and_suspend() {
-        let c = cj(json!({"schedule": "0 * * * *", "startingDeadlineSeconds": 60}), json!({}));
+        let c = cj(
+            json!({"schedule": "0 * * * *", "startingDeadlineSeconds": 60}),
+            json!({}),
+        );
         assert_eq!(
             decide(&c, 0, at("2026-01-01T05:00:30Z"), &TimeZone::UTC),
-            Decision::Start { scheduled: at("2026-01-01T05:00:00Z"), missed: 1 }
+            Decision::Start {
+                scheduled: at("2026-01-01T05:00:00Z"),
+                missed: 1
+            }
         );
         // 05:00 is more than 60 s ago and nothing later is due: wait for 06:00.
-        assert!(matches!(decide(&c, 0, at("2026-01-01T05:30:00Z"), &TimeZone::UTC), Decision::Wait(Some(_))));
+        assert!(matches!(
+            decide(&c, 0, at("2026-01-01T05:30:00Z"), &TimeZone::UTC),
+            Decision::Wait(Some(_))
+        ));
         let s = cj(json!({"schedule": "* * * * *", "suspend": true}), json!({}));
-        assert_eq!(decide(&s, 0, at("2026-01-01T05:30:00Z"), &TimeZone::UTC), Decision::Wait(None));
+        assert_eq!(
+            decide(&s, 0, at("2026-01-01T05:30:00Z"), &TimeZone::UTC),
+            Decision::Wait(None)
+        );
     }
 
     #[test]
     fn job_names_are_minutes_since_the_epoch() {
-        assert_eq!(job_name("backup", at("2026-01-01T00:10:00Z")), "backup-29453770");
+        assert_eq!(
+            job_name("backup", at("2026-01-01T00:10:00Z")),
+            "backup-29453770"
+        );
     }
 }

@@ -84,7 +84,10 @@ impl Graph {
     fn insert(&mut self, key: String, uid: String, n: Node) {
         self.remove(&uid);
         for (o, _) in &n.owners {
-            self.dependents.entry(o.clone()).or_default().insert(uid.clone());
+            self.dependents
+                .entry(o.clone())
+                .or_default()
+                .insert(uid.clone());
         }
         self.by_key.insert(key, uid.clone());
         self.nodes.insert(uid, n);
@@ -113,31 +116,49 @@ fn def_of(client: &Client, key: &str) -> Option<Arc<ResourceDef>> {
 }
 
 fn skip(key: &str) -> bool {
-    key.starts_with("/registry/core/events/") || key.starts_with("/registry/events.k8s.io/") || key.starts_with("/registry/coordination.k8s.io/leases/")
+    key.starts_with("/registry/core/events/")
+        || key.starts_with("/registry/events.k8s.io/")
+        || key.starts_with("/registry/coordination.k8s.io/leases/")
 }
+
+/// A dependent of an owner being deleted in the foreground: its resource, namespace, name, uid
+/// and whether it blocks the owner's deletion.
+type Dependent = (Arc<ResourceDef>, Option<String>, String, String, bool);
 
 impl Gc {
     fn upsert(&self, key: &str, value: &[u8]) {
         if skip(key) {
             return;
         }
-        let Ok(env) = serde_json::from_slice::<Envelope>(value) else { return };
+        let Ok(env) = serde_json::from_slice::<Envelope>(value) else {
+            return;
+        };
         let m = env.metadata;
         if m.uid.is_empty() {
             return;
         }
-        let Some(def) = def_of(&self.client, key) else { return };
+        let Some(def) = def_of(&self.client, key) else {
+            return;
+        };
         let node = Node {
             def,
             namespace: m.namespace.filter(|n| !n.is_empty()),
             name: m.name,
-            owners: m.owners.into_iter().map(|o| (o.uid, o.block.unwrap_or(false))).collect(),
+            owners: m
+                .owners
+                .into_iter()
+                .map(|o| (o.uid, o.block.unwrap_or(false)))
+                .collect(),
             finalizers: m.finalizers,
             deleting: m.deletion.is_some(),
         };
         let uid = m.uid;
         let has_owners = !node.owners.is_empty();
-        let special = node.deleting && node.finalizers.iter().any(|f| f == "foregroundDeletion" || f == "orphan");
+        let special = node.deleting
+            && node
+                .finalizers
+                .iter()
+                .any(|f| f == "foregroundDeletion" || f == "orphan");
         self.graph.lock().insert(key.to_string(), uid.clone(), node);
         if has_owners || special {
             self.queue.add(uid);
@@ -146,9 +167,15 @@ impl Gc {
 
     fn removed(&self, key: &str) {
         let mut g = self.graph.lock();
-        let Some(uid) = g.by_key.remove(key) else { return };
+        let Some(uid) = g.by_key.remove(key) else {
+            return;
+        };
         let node = g.remove(&uid);
-        let deps: Vec<String> = g.dependents.get(&uid).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        let deps: Vec<String> = g
+            .dependents
+            .get(&uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
         drop(g);
         for d in deps {
             self.queue.add(d);
@@ -164,21 +191,53 @@ impl Gc {
     async fn process(&self, uid: String) -> ApiResult<Option<Duration>> {
         enum Action {
             None,
-            Delete { def: Arc<ResourceDef>, ns: Option<String>, name: String },
-            DropRefs { def: Arc<ResourceDef>, ns: Option<String>, name: String, gone: Vec<String> },
-            Foreground { def: Arc<ResourceDef>, ns: Option<String>, name: String, deps: Vec<(Arc<ResourceDef>, Option<String>, String, String, bool)>, blocking_left: bool },
-            Orphan { def: Arc<ResourceDef>, ns: Option<String>, name: String, deps: Vec<(Arc<ResourceDef>, Option<String>, String)> },
+            Delete {
+                def: Arc<ResourceDef>,
+                ns: Option<String>,
+                name: String,
+            },
+            DropRefs {
+                def: Arc<ResourceDef>,
+                ns: Option<String>,
+                name: String,
+                gone: Vec<String>,
+            },
+            Foreground {
+                def: Arc<ResourceDef>,
+                ns: Option<String>,
+                name: String,
+                deps: Vec<Dependent>,
+                blocking_left: bool,
+            },
+            Orphan {
+                def: Arc<ResourceDef>,
+                ns: Option<String>,
+                name: String,
+                deps: Vec<(Arc<ResourceDef>, Option<String>, String)>,
+            },
         }
         let action = {
             let g = self.graph.lock();
-            let Some(n) = g.nodes.get(&uid) else { return Ok(None) };
+            let Some(n) = g.nodes.get(&uid) else {
+                return Ok(None);
+            };
             if n.deleting && n.finalizers.iter().any(|f| f == "orphan") {
                 let deps = g
                     .dependents
                     .get(&uid)
-                    .map(|s| s.iter().filter_map(|d| g.nodes.get(d)).map(|d| (d.def.clone(), d.namespace.clone(), d.name.clone())).collect())
+                    .map(|s| {
+                        s.iter()
+                            .filter_map(|d| g.nodes.get(d))
+                            .map(|d| (d.def.clone(), d.namespace.clone(), d.name.clone()))
+                            .collect()
+                    })
                     .unwrap_or_default();
-                Action::Orphan { def: n.def.clone(), ns: n.namespace.clone(), name: n.name.clone(), deps }
+                Action::Orphan {
+                    def: n.def.clone(),
+                    ns: n.namespace.clone(),
+                    name: n.name.clone(),
+                    deps,
+                }
             } else if n.deleting && n.finalizers.iter().any(|f| f == "foregroundDeletion") {
                 let deps: Vec<_> = g
                     .dependents
@@ -188,23 +247,49 @@ impl Gc {
                             .filter_map(|d| g.nodes.get(d).map(|dn| (d, dn)))
                             .map(|(d, dn)| {
                                 let blocking = dn.owners.iter().any(|(o, b)| o == &uid && *b);
-                                (dn.def.clone(), dn.namespace.clone(), dn.name.clone(), d.clone(), blocking)
+                                (
+                                    dn.def.clone(),
+                                    dn.namespace.clone(),
+                                    dn.name.clone(),
+                                    d.clone(),
+                                    blocking,
+                                )
                             })
                             .collect()
                     })
                     .unwrap_or_default();
                 let blocking_left = deps.iter().any(|d| d.4);
-                Action::Foreground { def: n.def.clone(), ns: n.namespace.clone(), name: n.name.clone(), deps, blocking_left }
+                Action::Foreground {
+                    def: n.def.clone(),
+                    ns: n.namespace.clone(),
+                    name: n.name.clone(),
+                    deps,
+                    blocking_left,
+                }
             } else if !n.owners.is_empty() {
-                let gone: Vec<String> = n.owners.iter().filter(|(o, _)| !g.nodes.contains_key(o)).map(|(o, _)| o.clone()).collect();
+                let gone: Vec<String> = n
+                    .owners
+                    .iter()
+                    .filter(|(o, _)| !g.nodes.contains_key(o))
+                    .map(|(o, _)| o.clone())
+                    .collect();
                 if gone.len() == n.owners.len() {
                     if n.deleting {
                         Action::None
                     } else {
-                        Action::Delete { def: n.def.clone(), ns: n.namespace.clone(), name: n.name.clone() }
+                        Action::Delete {
+                            def: n.def.clone(),
+                            ns: n.namespace.clone(),
+                            name: n.name.clone(),
+                        }
                     }
                 } else if !gone.is_empty() {
-                    Action::DropRefs { def: n.def.clone(), ns: n.namespace.clone(), name: n.name.clone(), gone }
+                    Action::DropRefs {
+                        def: n.def.clone(),
+                        ns: n.namespace.clone(),
+                        name: n.name.clone(),
+                        gone,
+                    }
                 } else {
                     Action::None
                 }
@@ -216,39 +301,102 @@ impl Gc {
             Action::None => Ok(None),
             Action::Delete { def, ns, name } => {
                 tracing::debug!(object = %name, "garbage collecting a dependent whose owners are gone");
-                match self.client.delete_uid(&def, ns.as_deref(), &name, &uid, Some("Background")).await {
+                match self
+                    .client
+                    .delete_uid(&def, ns.as_deref(), &name, &uid, Some("Background"))
+                    .await
+                {
                     Ok(_) => Ok(None),
                     Err(e) if e.code == 404 || e.code == 409 => Ok(None),
                     Err(e) => Err(e),
                 }
             }
-            Action::DropRefs { def, ns, name, gone } => {
+            Action::DropRefs {
+                def,
+                ns,
+                name,
+                gone,
+            } => {
                 let cur = match self.client.get(&def, ns.as_deref(), &name).await {
                     Ok(c) => c,
                     Err(e) if e.code == 404 => return Ok(None),
                     Err(e) => return Err(e),
                 };
-                let refs: Vec<Value> = cur.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default().into_iter().filter(|r| !gone.iter().any(|g| r["uid"] == g.as_str())).collect();
-                self.client.merge_patch(&def, ns.as_deref(), &name, &json!({"metadata": {"ownerReferences": refs}})).await.map(|_| None)
+                let refs: Vec<Value> = cur
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| !gone.iter().any(|g| r["uid"] == g.as_str()))
+                    .collect();
+                self.client
+                    .merge_patch(
+                        &def,
+                        ns.as_deref(),
+                        &name,
+                        &json!({"metadata": {"ownerReferences": refs}}),
+                    )
+                    .await
+                    .map(|_| None)
             }
-            Action::Orphan { def, ns, name, deps } => {
+            Action::Orphan {
+                def,
+                ns,
+                name,
+                deps,
+            } => {
                 for (dd, dns, dname) in deps {
                     let cur = match self.client.get(&dd, dns.as_deref(), &dname).await {
                         Ok(c) => c,
                         Err(e) if e.code == 404 => continue,
                         Err(e) => return Err(e),
                     };
-                    let refs: Vec<Value> = cur.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default().into_iter().filter(|r| r["uid"] != uid.as_str()).collect();
-                    let refs = if refs.is_empty() { Value::Null } else { Value::Array(refs) };
-                    self.client.merge_patch(&dd, dns.as_deref(), &dname, &json!({"metadata": {"ownerReferences": refs}})).await?;
+                    let refs: Vec<Value> = cur
+                        .pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|r| r["uid"] != uid.as_str())
+                        .collect();
+                    let refs = if refs.is_empty() {
+                        Value::Null
+                    } else {
+                        Value::Array(refs)
+                    };
+                    self.client
+                        .merge_patch(
+                            &dd,
+                            dns.as_deref(),
+                            &dname,
+                            &json!({"metadata": {"ownerReferences": refs}}),
+                        )
+                        .await?;
                 }
-                self.remove_finalizer(&def, ns.as_deref(), &name, "orphan").await
+                self.remove_finalizer(&def, ns.as_deref(), &name, "orphan")
+                    .await
             }
-            Action::Foreground { def, ns, name, deps, blocking_left } => {
+            Action::Foreground {
+                def,
+                ns,
+                name,
+                deps,
+                blocking_left,
+            } => {
                 for (dd, dns, dname, duid, _) in &deps {
-                    let deleting = self.graph.lock().nodes.get(duid).is_some_and(|n| n.deleting);
+                    let deleting = self
+                        .graph
+                        .lock()
+                        .nodes
+                        .get(duid)
+                        .is_some_and(|n| n.deleting);
                     if !deleting {
-                        match self.client.delete_uid(dd, dns.as_deref(), dname, duid, Some("Foreground")).await {
+                        match self
+                            .client
+                            .delete_uid(dd, dns.as_deref(), dname, duid, Some("Foreground"))
+                            .await
+                        {
                             Ok(_) => {}
                             Err(e) if e.code == 404 || e.code == 409 => {}
                             Err(e) => return Err(e),
@@ -259,20 +407,38 @@ impl Gc {
                     // Re-checked when a dependent goes; also poll in case of a missed event.
                     return Ok(Some(Duration::from_secs(2)));
                 }
-                self.remove_finalizer(&def, ns.as_deref(), &name, "foregroundDeletion").await
+                self.remove_finalizer(&def, ns.as_deref(), &name, "foregroundDeletion")
+                    .await
             }
         }
     }
 
-    async fn remove_finalizer(&self, def: &Arc<ResourceDef>, ns: Option<&str>, name: &str, finalizer: &str) -> ApiResult<Option<Duration>> {
+    async fn remove_finalizer(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+        finalizer: &str,
+    ) -> ApiResult<Option<Duration>> {
         let cur = match self.client.get(def, ns, name).await {
             Ok(c) => c,
             Err(e) if e.code == 404 => return Ok(None),
             Err(e) => return Err(e),
         };
-        let fins: Vec<Value> = cur.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default().into_iter().filter(|f| f != finalizer).collect();
+        let fins: Vec<Value> = cur
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| f != finalizer)
+            .collect();
         let mut next = cur.clone();
-        next["metadata"]["finalizers"] = if fins.is_empty() { Value::Null } else { Value::Array(fins) };
+        next["metadata"]["finalizers"] = if fins.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(fins)
+        };
         if let Some(m) = next["metadata"].as_object_mut() {
             if m.get("finalizers").is_some_and(Value::is_null) {
                 m.remove("finalizers");
@@ -285,7 +451,10 @@ impl Gc {
 async fn feed(gc: Arc<Gc>) {
     let store = gc.client.st.store.clone();
     loop {
-        let list = match store.range(RangeRequest::new(KeyRange::prefix("/registry/"))).await {
+        let list = match store
+            .range(RangeRequest::new(KeyRange::prefix("/registry/")))
+            .await
+        {
             Ok(l) => l,
             Err(k3rs_storage::Error::ShuttingDown) => return,
             Err(e) => {
@@ -298,7 +467,9 @@ async fn feed(gc: Arc<Gc>) {
         for kv in &list.kvs {
             gc.upsert(&String::from_utf8_lossy(&kv.key), &kv.value);
         }
-        let mut w = match store.watch(WatchRequest::new(KeyRange::prefix("/registry/")).start_revision(list.revision + 1)) {
+        let mut w = match store.watch(
+            WatchRequest::new(KeyRange::prefix("/registry/")).start_revision(list.revision + 1),
+        ) {
             Ok(w) => w,
             Err(_) => continue,
         };

@@ -79,7 +79,11 @@ pub async fn current_revision(
 ) -> ApiResult<Value> {
     let ns = owner.pointer("/metadata/namespace").and_then(Value::as_str);
     let data = revision_data(owner);
-    let newest = revisions.iter().map(|r| revision_number(r)).max().unwrap_or(0);
+    let newest = revisions
+        .iter()
+        .map(|r| revision_number(r))
+        .max()
+        .unwrap_or(0);
     if let Some(same) = revisions.iter().rev().find(|r| r["data"] == data) {
         if revision_number(same) == newest {
             return Ok((**same).clone());

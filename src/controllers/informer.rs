@@ -60,10 +60,6 @@ impl Informer {
             .collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.objects.read().len()
-    }
-
     /// Receives every change from now on (after `wait_synced`, the current state is in `list`).
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Change> {
         let (tx, rx) = mpsc::unbounded_channel();

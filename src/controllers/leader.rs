@@ -71,11 +71,7 @@ impl Elector {
     async fn try_acquire_or_renew(&self) -> ApiResult<bool> {
         let def = self.client.def("coordination.k8s.io", "v1", "leases");
         let now = micro_now();
-        match self
-            .client
-            .get(&def, Some("kube-system"), &self.name)
-            .await
-        {
+        match self.client.get(&def, Some("kube-system"), &self.name).await {
             Err(e) if e.code == 404 => {
                 let lease = json!({
                     "apiVersion": "coordination.k8s.io/v1",
@@ -157,11 +153,7 @@ impl Elector {
     /// Gives the lease up (on shutdown), so the next holder need not wait for it to expire.
     pub async fn release(&self) {
         let def = self.client.def("coordination.k8s.io", "v1", "leases");
-        if let Ok(mut lease) = self
-            .client
-            .get(&def, Some("kube-system"), &self.name)
-            .await
-        {
+        if let Ok(mut lease) = self.client.get(&def, Some("kube-system"), &self.name).await {
             if lease["spec"]["holderIdentity"] == self.identity.as_str() {
                 lease["spec"]["holderIdentity"] = json!("");
                 lease["spec"]["leaseDurationSeconds"] = json!(1);
@@ -220,12 +212,28 @@ mod tests {
     fn a_lease_is_taken_when_free_expired_or_ours() {
         let now: jiff::Timestamp = "2026-01-01T00:00:20Z".parse().unwrap();
         assert!(can_acquire(&lease("", "2026-01-01T00:00:19Z"), "a_1", now));
-        assert!(can_acquire(&lease("a_1", "2026-01-01T00:00:19Z"), "a_1", now));
+        assert!(can_acquire(
+            &lease("a_1", "2026-01-01T00:00:19Z"),
+            "a_1",
+            now
+        ));
         // An earlier incarnation of the same node.
-        assert!(can_acquire(&lease("a_0", "2026-01-01T00:00:19Z"), "a_1", now));
+        assert!(can_acquire(
+            &lease("a_0", "2026-01-01T00:00:19Z"),
+            "a_1",
+            now
+        ));
         // Another node, still fresh.
-        assert!(!can_acquire(&lease("b_0", "2026-01-01T00:00:10Z"), "a_1", now));
+        assert!(!can_acquire(
+            &lease("b_0", "2026-01-01T00:00:10Z"),
+            "a_1",
+            now
+        ));
         // Another node, expired.
-        assert!(can_acquire(&lease("b_0", "2026-01-01T00:00:04Z"), "a_1", now));
+        assert!(can_acquire(
+            &lease("b_0", "2026-01-01T00:00:04Z"),
+            "a_1",
+            now
+        ));
     }
 }

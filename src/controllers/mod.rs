@@ -1,6 +1,8 @@
 //! Control loops: the controller framework (in-process client, shared informers, work queues,
 //! expectations, event recording, leader election) and the controllers built on it.
 
+#![allow(clippy::result_large_err)]
+
 pub mod client;
 pub mod cronjob;
 pub mod daemonset;
@@ -55,7 +57,8 @@ where
             let queue = queue.clone();
             let sync = sync.clone();
             tokio::spawn(async move {
-                while let Some(key) = queue.get().await {
+                loop {
+                    let key = queue.get().await;
                     let span = tracing::debug_span!("reconcile", controller = name, key = %key);
                     let _g = span.enter();
                     drop(_g);

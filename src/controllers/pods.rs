@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn pods_are_deleted_in_upstream_order() {
-        let mut pods = vec![
+        let mut pods = [
             pod("n1", "Running", true, "2026-01-01T00:00:00Z"),
             pod("n1", "Running", true, "2026-01-02T00:00:00Z"),
             pod("", "Pending", false, "2026-01-01T00:00:00Z"),

@@ -18,7 +18,6 @@ struct Inner {
     dirty: HashSet<String>,
     processing: HashSet<String>,
     failures: HashMap<String, u32>,
-    shutdown: bool,
 }
 
 #[derive(Default)]
@@ -36,7 +35,7 @@ impl Queue {
     pub fn add(&self, key: impl Into<String>) {
         let key = key.into();
         let mut g = self.inner.lock();
-        if g.shutdown || !g.dirty.insert(key.clone()) {
+        if !g.dirty.insert(key.clone()) {
             return;
         }
         if !g.processing.contains(&key) {
@@ -76,22 +75,19 @@ impl Queue {
         self.inner.lock().failures.remove(key);
     }
 
-    /// The next key to process; `None` after shutdown.
-    pub async fn get(&self) -> Option<String> {
+    /// The next key to process (waits for one).
+    pub async fn get(&self) -> String {
         loop {
             let notified = self.notify.notified();
             {
                 let mut g = self.inner.lock();
-                if g.shutdown {
-                    return None;
-                }
                 if let Some(k) = g.queue.pop_front() {
                     g.dirty.remove(&k);
                     g.processing.insert(k.clone());
                     if !g.queue.is_empty() {
                         self.notify.notify_one();
                     }
-                    return Some(k);
+                    return k;
                 }
             }
             notified.await;
@@ -109,11 +105,7 @@ impl Queue {
         }
     }
 
-    pub fn shutdown(&self) {
-        self.inner.lock().shutdown = true;
-        self.notify.notify_waiters();
-    }
-
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner.lock().queue.len()
     }
@@ -136,14 +128,14 @@ mod tests {
         q.add("a");
         q.add("b");
         assert_eq!(q.len(), 2);
-        let k = q.get().await.unwrap();
+        let k = q.get().await;
         assert_eq!(k, "a");
         // Added while processing: waits until done.
         q.add("a");
-        assert_eq!(q.get().await.unwrap(), "b");
+        assert_eq!(q.get().await, "b");
         assert_eq!(q.len(), 0);
         q.done("a");
-        assert_eq!(q.get().await.unwrap(), "a");
+        assert_eq!(q.get().await, "a");
     }
 
     #[test]

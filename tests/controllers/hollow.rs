@@ -30,17 +30,22 @@ impl Hollow {
             .expect("starting k3rs hollow-nodes");
         let h = Hollow { child: Some(child) };
         for n in names {
-            wait_for(c, &format!("node {n} Ready"), Duration::from_secs(30), || {
-                c.kubectl(&[
-                    "get",
-                    "node",
-                    n,
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-                ])
-                .stdout
-                    == b"True"
-            });
+            wait_for(
+                c,
+                &format!("node {n} Ready"),
+                Duration::from_secs(30),
+                || {
+                    c.kubectl(&[
+                        "get",
+                        "node",
+                        n,
+                        "-o",
+                        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                    ])
+                    .stdout
+                        == b"True"
+                },
+            );
         }
         h
     }

@@ -7,4 +7,6 @@
 mod cluster;
 mod daemonset;
 mod hollow;
+mod lifecycle;
 mod statefulset;
+mod workloads;

@@ -289,8 +289,9 @@ impl Scheduler {
                     // Preemption: a node where only resources are missing and lower-priority
                     // pods could make room.
                     let mut choice: Option<(String, Vec<String>)> = None;
+                    let never_preempts = cand.pod["spec"]["preemptionPolicy"] == "Never";
                     for (name, r) in &failed_nodes {
-                        if !plugins::resources_only(r) {
+                        if never_preempts || !plugins::resources_only(r) {
                             continue;
                         }
                         if let Some(v) = plugins::victims(&cand, &c.nodes[name]) {
@@ -299,7 +300,22 @@ impl Scheduler {
                             }
                         }
                     }
-                    Err((c.nodes.len(), reasons, choice))
+                    let preemption = if choice.is_some() {
+                        String::new()
+                    } else if never_preempts {
+                        "preemption: not eligible due to preemptionPolicy=Never.".to_string()
+                    } else {
+                        let resources = failed_nodes
+                            .iter()
+                            .filter(|(_, r)| plugins::resources_only(r))
+                            .count();
+                        plugins::preemption_message(
+                            c.nodes.len(),
+                            failed_nodes.len() - resources,
+                            resources,
+                        )
+                    };
+                    Err((c.nodes.len(), reasons, choice, preemption))
                 }
             }
         };
@@ -348,12 +364,7 @@ impl Scheduler {
                     }
                 });
             }
-            Err((total, reasons, preempt)) => {
-                let preemption = match &preempt {
-                    Some(_) => String::new(),
-                    None if priority(&pod) > 0 => format!("preemption: 0/{total} nodes are available: {total} No preemption victims found for incoming pod."),
-                    None => format!("preemption: 0/{total} nodes are available: {total} Preemption is not helpful for scheduling."),
-                };
+            Err((total, reasons, preempt, preemption)) => {
                 let message = if total == 0 {
                     "0/0 nodes are available: no nodes available to schedule pods.".to_string()
                 } else {

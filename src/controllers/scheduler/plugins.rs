@@ -34,7 +34,6 @@ pub struct PlacedPod {
     pub ports: Vec<(String, i64, String)>,
     /// Required anti-affinity terms of this pod (they constrain pods placed later).
     pub anti_affinity: Vec<Term>,
-    pub obj: Arc<Value>,
 }
 
 /// A pod (anti-)affinity term.
@@ -216,7 +215,6 @@ pub fn placed(pod: &Arc<Value>) -> PlacedPod {
             "/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution",
             false,
         ),
-        obj: pod.clone(),
     }
 }
 
@@ -637,14 +635,32 @@ pub fn unschedulable_message(
     reasons: &BTreeMap<String, usize>,
     preemption: &str,
 ) -> String {
+    // Sorted as strings, count first, as upstream's FitError does.
     let mut parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-    parts.sort_by(|a, b| {
-        let ra = a.split_once(' ').map(|x| x.1).unwrap_or_default();
-        let rb = b.split_once(' ').map(|x| x.1).unwrap_or_default();
-        ra.cmp(rb)
-    });
+    parts.sort();
     format!(
         "0/{total} nodes are available: {}. {preemption}",
+        parts.join(", ")
+    )
+}
+
+/// The preemption part of the message when no node can be freed: nodes whose failure is not
+/// about resources cannot be helped; the others had no lower-priority pods to evict.
+pub fn preemption_message(total: usize, unhelpful: usize, no_victims: usize) -> String {
+    let mut parts = Vec::new();
+    if unhelpful > 0 {
+        parts.push(format!(
+            "{unhelpful} Preemption is not helpful for scheduling"
+        ));
+    }
+    if no_victims > 0 {
+        parts.push(format!(
+            "{no_victims} No preemption victims found for incoming pod"
+        ));
+    }
+    parts.sort();
+    format!(
+        "preemption: 0/{total} nodes are available: {}.",
         parts.join(", ")
     )
 }
@@ -767,8 +783,8 @@ mod tests {
         );
         r.insert("Insufficient cpu".to_string(), 2);
         assert_eq!(
-            unschedulable_message(3, &r, "preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."),
-            "0/3 nodes are available: 2 Insufficient cpu, 1 node(s) had untolerated taint {node-role.kubernetes.io/control-plane: }. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+            unschedulable_message(3, &r, &preemption_message(3, 1, 2)),
+            "0/3 nodes are available: 1 node(s) had untolerated taint {node-role.kubernetes.io/control-plane: }, 2 Insufficient cpu. preemption: 0/3 nodes are available: 1 Preemption is not helpful for scheduling, 2 No preemption victims found for incoming pod."
         );
     }
 

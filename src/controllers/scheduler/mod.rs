@@ -69,7 +69,8 @@ struct Queues {
     active: BinaryHeap<(i64, Reverse<u64>, String)>,
     queued: HashSet<String>,
     /// Unschedulable pods: attempts and when they last failed.
-    parked: HashMap<String, (u32, Instant)>,
+    /// Unschedulable pods: attempts, when parked, and whether the cluster changed since.
+    parked: HashMap<String, (u32, Instant, bool)>,
     seq: u64,
     cluster_changed: bool,
 }
@@ -127,23 +128,29 @@ impl Scheduler {
     }
 
     fn cluster_changed(&self) {
-        self.queues.lock().cluster_changed = true;
+        let mut q = self.queues.lock();
+        q.cluster_changed = true;
+        for p in q.parked.values_mut() {
+            p.2 = true;
+        }
     }
 
-    /// Moves parked pods whose back-off passed back to the active queue (after a change, or
-    /// every minute regardless).
+    /// Moves parked pods back to the active queue once their back-off passed, if the cluster
+    /// changed since they were parked (or every minute regardless).
     fn flush_parked(&self, force: bool) {
         let mut q = self.queues.lock();
         if !q.cluster_changed && !force {
             return;
         }
-        q.cluster_changed = false;
         let ready: Vec<String> = q
             .parked
             .iter()
-            .filter(|(_, (attempts, at))| force || at.elapsed() >= backoff(*attempts))
+            .filter(|(_, (attempts, at, woken))| {
+                force || (*woken && at.elapsed() >= backoff(*attempts))
+            })
             .map(|(k, _)| k.clone())
             .collect();
+        q.cluster_changed = q.parked.values().any(|p| p.2) && ready.len() < q.parked.len();
         if ready.is_empty() {
             return;
         }
@@ -384,8 +391,8 @@ impl Scheduler {
     fn park(&self, key: &str) {
         let mut q = self.queues.lock();
         q.queued.remove(key);
-        let attempts = q.parked.get(key).map_or(1, |(a, _)| a + 1);
-        q.parked.insert(key.to_string(), (attempts, Instant::now()));
+        let attempts = q.parked.get(key).map_or(1, |(a, _, _)| a + 1);
+        q.parked.insert(key.to_string(), (attempts, Instant::now(), false));
     }
 
     async fn report_unschedulable(&self, pod: &Value, message: &str) {

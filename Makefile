@@ -25,6 +25,7 @@ test: deps lint
 bench: deps
 	$(CARGO) bench -p k3rs-storage
 	$(CARGO) bench -p k3rs --bench api
+	$(CARGO) bench -p k3rs --bench controllers
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -7,151 +7,18 @@
 #![allow(clippy::print_stdout)]
 
 use std::fmt::Write as _;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+
+mod common;
+use common::{mib, ms, pct, Server};
 use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
-use kube::{Client, Config};
+use kube::Client;
 
 fn quick() -> bool {
     std::env::var_os("K3RS_BENCH_QUICK").is_some()
-}
-
-struct Server {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Server {
-    fn new() -> Server {
-        let base = std::env::var_os("K3RS_BENCH_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        std::fs::create_dir_all(&base).unwrap();
-        Server {
-            dir: tempfile::Builder::new()
-                .prefix("k3rs-bench-api-")
-                .tempdir_in(base)
-                .unwrap(),
-            port: free_port(),
-            child: None,
-        }
-    }
-
-    /// Starts the server and returns the time until /readyz answered 200.
-    fn start(&mut self) -> Duration {
-        let t = Instant::now();
-        let child = Command::new(env!("CARGO_BIN_EXE_k3rs"))
-            .args([
-                "server",
-                "--config",
-                "/dev/null",
-                "--bind-address",
-                "127.0.0.1",
-            ])
-            .arg("--https-listen-port")
-            .arg(self.port.to_string())
-            .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .arg("--write-kubeconfig")
-            .arg(self.dir.path().join("kubeconfig.yaml"))
-            .env("K3RS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        // /readyz needs no credentials: poll it with a raw TLS client (no verification needed
-        // for timing; the kubeconfig is written only after the server is ready anyway).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if readyz(self.port) {
-                return t.elapsed();
-            }
-            assert!(Instant::now() < deadline, "server did not become ready");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's PID.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-            let _ = c.wait();
-        }
-    }
-
-    fn rss(&self) -> u64 {
-        let pid = self.child.as_ref().unwrap().id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    }
-
-    async fn client(&self) -> Client {
-        let kc =
-            kube::config::Kubeconfig::read_from(self.dir.path().join("kubeconfig.yaml")).unwrap();
-        let cfg = Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .unwrap();
-        Client::try_from(cfg).unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A /readyz probe over TLS without certificate checks (only timing matters here).
-fn readyz(port: u16) -> bool {
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("https://127.0.0.1:{port}/readyz"),
-        ])
-        .output();
-    matches!(out, Ok(o) if o.stdout == b"200")
-}
-
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / 1048576.0)
 }
 
 fn cm(name: String) -> ConfigMap {

@@ -12,6 +12,8 @@ use crate::controllers::client::{name_of, namespace_of, uid_of, Client};
 
 /// Repeats within this window update the existing event.
 const AGGREGATE_FOR: Duration = Duration::from_secs(600);
+/// Events remembered for aggregation at most.
+const MAX_RECENT: usize = 4096;
 
 pub struct Recorder {
     client: Client,
@@ -46,14 +48,20 @@ impl Recorder {
         let now = now_rfc3339();
         let existing = {
             let mut recent = self.recent.lock();
-            recent.retain(|_, (_, _, at)| at.elapsed() < AGGREGATE_FOR);
+            // Bounded like upstream's correlator cache: pruned when it grows, not per event.
+            if recent.len() >= MAX_RECENT {
+                recent.retain(|_, (_, _, at)| at.elapsed() < AGGREGATE_FOR);
+                if recent.len() >= MAX_RECENT {
+                    recent.clear();
+                }
+            }
             match recent.get_mut(&dedup) {
-                Some((name, count, at)) => {
+                Some((name, count, at)) if at.elapsed() < AGGREGATE_FOR => {
                     *count += 1;
                     *at = Instant::now();
                     Some((name.clone(), *count))
                 }
-                None => None,
+                _ => None,
             }
         };
         let client = self.client.clone();

@@ -88,7 +88,10 @@ async fn schedule_replicaset(client: &kube::Client, replicas: usize) -> Scheduli
     let mut last_bound = t0;
     let deadline = t0 + Duration::from_secs(600);
     while running.len() < replicas {
-        assert!(Instant::now() < deadline, "pods not running within 10 minutes");
+        assert!(
+            Instant::now() < deadline,
+            "pods not running within 10 minutes"
+        );
         let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
             Ok(Some(Ok(ev))) => ev,
             Ok(Some(Err(e))) => panic!("watch: {e}"),
@@ -131,7 +134,10 @@ async fn deployment_available(client: &kube::Client, replicas: usize) -> Duratio
     .boxed();
     let deadline = t0 + Duration::from_secs(600);
     loop {
-        assert!(Instant::now() < deadline, "deployment not available in 10 minutes");
+        assert!(
+            Instant::now() < deadline,
+            "deployment not available in 10 minutes"
+        );
         let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
             Ok(Some(Ok(ev))) => ev,
             Ok(Some(Err(e))) => panic!("watch: {e}"),
@@ -235,12 +241,7 @@ fn main() {
         e2e / 1500.0
     )
     .ok();
-    writeln!(
-        w,
-        "| 1,000 replicas available ≤ 3 s | {} |",
-        secs(avail)
-    )
-    .ok();
+    writeln!(w, "| 1,000 replicas available ≤ 3 s | {} |", secs(avail)).ok();
     writeln!(w, "| RSS with 5,000 pods ≤ 150 MB | {} |", mib(rss)).ok();
     print!("{out}");
 }

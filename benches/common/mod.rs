@@ -137,7 +137,6 @@ pub fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
 
-
 impl Server {
     pub fn kubeconfig(&self) -> std::path::PathBuf {
         self.dir.path().join("kubeconfig.yaml")

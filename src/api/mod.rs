@@ -1053,7 +1053,7 @@ pub async fn load_crds(st: &ApiState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the namespaces every cluster has.
+/// Creates the namespaces every cluster has, and the default StorageClass.
 pub async fn bootstrap(st: &Arc<ApiState>) -> anyhow::Result<()> {
     let def = st.registry.get("", "v1", "namespaces").expect("builtin");
     let user = User {
@@ -1073,6 +1073,25 @@ pub async fn bootstrap(st: &Arc<ApiState>) -> anyhow::Result<()> {
             Err(e) if e.code == 409 => {}
             Err(e) => anyhow::bail!("creating namespace {ns}: {e}"),
         }
+    }
+    // The default StorageClass, as k3s ships one: claims that name no class get it, and their
+    // volumes are provisioned on the node of their first pod.
+    let sc = st
+        .registry
+        .get("storage.k8s.io", "v1", "storageclasses")
+        .expect("builtin");
+    let obj = json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": "local-path", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+        "provisioner": "k3rs.io/local-path",
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    });
+    match objects::create(st, &sc, None, obj, &opts, &user).await {
+        Ok(_) => {}
+        Err(e) if e.code == 409 => {}
+        Err(e) => anyhow::bail!("creating storage class local-path: {e}"),
     }
     Ok(())
 }

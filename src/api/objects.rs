@@ -282,21 +282,13 @@ fn record_manager(obj: &mut Value, opts: &WriteOpts, api_version: &str, old: Opt
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(md) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            md.remove("managedFields");
-        }
-        v
-    };
-    let old_s = old.map(strip);
-    let new_s = strip(obj);
+    // (managedFields themselves are never owned: the field walk skips them.)
     let entries = crate::api::managed::update_ownership(
         &entries,
         &opts.field_manager,
         api_version,
-        old_s.as_ref(),
-        &new_s,
+        old,
+        obj,
         &now_rfc3339(),
     );
     meta_mut(obj).insert("managedFields".into(), Value::Array(entries));
@@ -340,6 +332,58 @@ async fn check_namespace(st: &ApiState, def: &ResourceDef, ns: &str) -> ApiResul
     }
 }
 
+/// Upstream's DefaultStorageClass admission (on create): a claim that names no class (no
+/// `spec.storageClassName`, no beta class annotation; an explicit "" is a choice) gets the
+/// default StorageClass, the one annotated `storageclass.kubernetes.io/is-default-class: "true"`
+/// (the newest, then the first by name, if several).
+async fn default_storage_class(st: &ApiState, obj: &mut Value) -> ApiResult<()> {
+    let has_class = obj
+        .pointer("/spec/storageClassName")
+        .is_some_and(|v| !v.is_null())
+        || obj
+            .pointer("/metadata/annotations/volume.beta.kubernetes.io~1storage-class")
+            .is_some();
+    if has_class {
+        return Ok(());
+    }
+    let Some(def) = st.registry.get("storage.k8s.io", "v1", "storageclasses") else {
+        return Ok(());
+    };
+    let classes = list(
+        st,
+        &def,
+        None,
+        &ListOpts {
+            labels: Default::default(),
+            fields: Default::default(),
+            limit: 0,
+            continue_token: None,
+            resource_version: None,
+            rv_match: None,
+        },
+    )
+    .await?
+    .items;
+    let is_default = |c: &Value| {
+        [
+            "storageclass.kubernetes.io/is-default-class",
+            "storageclass.beta.kubernetes.io/is-default-class",
+        ]
+        .iter()
+        .any(|a| c.pointer("/metadata/annotations").and_then(|m| m.get(*a)) == Some(&json!("true")))
+    };
+    let default = classes.iter().filter(|c| is_default(c)).min_by(|a, b| {
+        let created = |c: &Value| meta_str(c, "creationTimestamp").to_string();
+        created(b)
+            .cmp(&created(a))
+            .then_with(|| meta_str(a, "name").cmp(meta_str(b, "name")))
+    });
+    if let Some(class) = default {
+        obj["spec"]["storageClassName"] = json!(meta_str(class, "name"));
+    }
+    Ok(())
+}
+
 /// POST: creates an object. Returns it with its resourceVersion, and warnings.
 pub async fn create(
     st: &ApiState,
@@ -381,6 +425,9 @@ pub async fn create(
     }
     let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
     defaults::apply(&def.group, &def.kind, &mut obj);
+    if def.group.is_empty() && def.kind == "PersistentVolumeClaim" {
+        default_storage_class(st, &mut obj).await?;
+    }
     if resets_status_on_create(def) {
         if let Some(m) = obj.as_object_mut() {
             m.remove("status");

@@ -95,22 +95,43 @@ impl Requests {
     }
 }
 
-fn container_requests(c: &Value) -> Requests {
-    let r = |res: &str| {
+/// Upstream's defaults for a container that states no cpu or memory request (scoring only).
+pub const DEFAULT_CPU_MILLI: i128 = 100;
+pub const DEFAULT_MEMORY_MILLI: i128 = 200 * 1024 * 1024 * 1000;
+
+/// A container's requests (a limit without a request counts as the request, as API defaulting
+/// makes it). With `nonzero`, a cpu or memory request the container does not state at all counts
+/// as upstream's default (an explicit zero stays zero).
+fn container_requests(c: &Value, nonzero: bool) -> Requests {
+    let r = |res: &str, default: i128| {
         let req = c.pointer(&format!("/resources/requests/{res}"));
         let lim = c.pointer(&format!("/resources/limits/{res}"));
-        milli_of(req.or(lim))
+        match req.or(lim) {
+            None if nonzero => default,
+            v => milli_of(v),
+        }
     };
     Requests {
-        cpu_milli: r("cpu"),
-        memory_milli: r("memory"),
-        ephemeral_milli: r("ephemeral-storage"),
+        cpu_milli: r("cpu", DEFAULT_CPU_MILLI),
+        memory_milli: r("memory", DEFAULT_MEMORY_MILLI),
+        ephemeral_milli: r("ephemeral-storage", 0),
     }
 }
 
-/// Upstream's effective requests: the sum over containers, or the largest init container if
-/// larger, per resource; plus the pod overhead.
+/// Upstream's effective requests: the sum over containers (and sidecars, init containers with
+/// `restartPolicy: Always`), or the largest init container (with the sidecars started before it)
+/// if larger, per resource; plus the pod overhead.
 pub fn pod_requests(pod: &Value) -> Requests {
+    requests(pod, false)
+}
+
+/// `pod_requests` with upstream's defaults for containers that state no cpu or memory request:
+/// what the scoring plugins count (upstream's `NonZeroRequested`).
+pub fn pod_requests_nonzero(pod: &Value) -> Requests {
+    requests(pod, true)
+}
+
+fn requests(pod: &Value, nonzero: bool) -> Requests {
     let mut sum = Requests::default();
     for c in pod
         .pointer("/spec/containers")
@@ -118,7 +139,7 @@ pub fn pod_requests(pod: &Value) -> Requests {
         .into_iter()
         .flatten()
     {
-        sum.add(&container_requests(c));
+        sum.add(&container_requests(c, nonzero));
     }
     let mut init_max = Requests::default();
     let mut sidecars = Requests::default();
@@ -128,7 +149,7 @@ pub fn pod_requests(pod: &Value) -> Requests {
         .into_iter()
         .flatten()
     {
-        let r = container_requests(c);
+        let r = container_requests(c, nonzero);
         if c["restartPolicy"] == "Always" {
             // Sidecars run alongside the app containers.
             sidecars.add(&r);
@@ -149,6 +170,7 @@ pub fn pod_requests(pod: &Value) -> Requests {
     if let Some(o) = pod.pointer("/spec/overhead") {
         out.cpu_milli += milli_of(o.get("cpu"));
         out.memory_milli += milli_of(o.get("memory"));
+        out.ephemeral_milli += milli_of(o.get("ephemeral-storage"));
     }
     out
 }
@@ -184,5 +206,24 @@ mod tests {
             "the init container's 2 cpu exceeds the containers' 1"
         );
         assert_eq!(r.memory_milli, (1i128 << 30) * 1000);
+    }
+
+    #[test]
+    fn scoring_defaults_apply_per_container_that_states_nothing() {
+        let pod = json!({"spec": {
+            "containers": [
+                {"resources": {"requests": {"cpu": "200m"}}},
+                {},
+                {"resources": {"requests": {"cpu": "0", "memory": "0"}}},
+            ],
+            "overhead": {"cpu": "50m", "ephemeral-storage": "1Ki"},
+        }});
+        let r = pod_requests_nonzero(&pod);
+        // 200m + 100m (unstated) + 0 (an explicit zero stays) + 50m of overhead.
+        assert_eq!(r.cpu_milli, 350);
+        assert_eq!(r.memory_milli, 2 * DEFAULT_MEMORY_MILLI);
+        assert_eq!(r.ephemeral_milli, 1024 * 1000);
+        let r = pod_requests(&pod);
+        assert_eq!((r.cpu_milli, r.memory_milli), (250, 0));
     }
 }

@@ -280,3 +280,68 @@ fn unschedulable_pod_reports_upstream_reasons_and_schedules_once_a_node_fits() {
         jsonpath(&c, &["pod", "big"], "{.status.phase}") == "Running"
     });
 }
+
+#[test]
+fn a_pod_waits_for_its_claim_and_its_volume_node() {
+    let c = Cluster::start();
+    let _nodes = Hollow::start(&c, &["z1"], &["--label", "zone=a"]);
+    let _other = Hollow::start(&c, &["z2"], &["--label", "zone=b"]);
+    let pod = |name: &str, claim: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  containers:\n  - name: c\n    image: nginx\n  volumes:\n  - name: data\n    persistentVolumeClaim:\n      claimName: {claim}\n"
+        )
+    };
+    let message = |name: &str| {
+        jsonpath(
+            &c,
+            &["pod", name],
+            "{.status.conditions[?(@.type==\"PodScheduled\")].message}",
+        )
+    };
+    // A missing claim: no node, and preemption cannot help.
+    c.ok_stdin(&["apply", "-f", "-"], &pod("early", "data"));
+    let want = "0/2 nodes are available: persistentvolumeclaim \"data\" not found. preemption: 0/2 nodes are available: 2 Preemption is not helpful for scheduling.";
+    wait_for(&c, "the missing claim to be reported", LONG, || {
+        message("early") == want
+    });
+    // The claim arrives (with the default class, WaitForFirstConsumer): the pod is retried,
+    // bound, and its node is written on the claim.
+    c.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n",
+    );
+    assert_eq!(
+        jsonpath(&c, &["pvc", "data"], "{.spec.storageClassName}"),
+        "local-path"
+    );
+    wait_for(&c, "the pod to be scheduled", LONG, || {
+        !jsonpath(&c, &["pod", "early"], "{.spec.nodeName}").is_empty()
+    });
+    let node = jsonpath(&c, &["pod", "early"], "{.spec.nodeName}");
+    wait_for(&c, "the claim to name the node", LONG, || {
+        jsonpath(
+            &c,
+            &["pvc", "data"],
+            "{.metadata.annotations.volume\\.kubernetes\\.io/selected-node}",
+        ) == node
+    });
+    // A claim bound to a volume pinned to zone b only fits z2.
+    c.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: pinned\nspec:\n  capacity:\n    storage: 1Gi\n  accessModes: [ReadWriteOnce]\n  hostPath:\n    path: /tmp/pinned\n  nodeAffinity:\n    required:\n      nodeSelectorTerms:\n      - matchExpressions:\n        - key: zone\n          operator: In\n          values: [b]\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: pinned\nspec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: \"\"\n  volumeName: pinned\n  resources:\n    requests:\n      storage: 1Gi\n",
+    );
+    c.ok_stdin(&["apply", "-f", "-"], &pod("zonal", "pinned"));
+    wait_for(&c, "the pod to land on z2", LONG, || {
+        jsonpath(&c, &["pod", "zonal"], "{.spec.nodeName}") == "z2"
+    });
+    // A class that binds immediately keeps the pod pending until something binds the claim.
+    c.ok_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: now\nprovisioner: example.com/now\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: now\nspec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: now\n  resources:\n    requests:\n      storage: 1Gi\n",
+    );
+    c.ok_stdin(&["apply", "-f", "-"], &pod("immediate", "now"));
+    let want = "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/2 nodes are available: 2 Preemption is not helpful for scheduling.";
+    wait_for(&c, "the unbound claim to be reported", LONG, || {
+        message("immediate") == want
+    });
+}

@@ -221,14 +221,17 @@ fn statefulset_creates_pods_in_order_updates_rolls_back_and_scales_down_in_rever
             format!("{pod} web {pod} {i} StatefulSet/web data-{pod}"),
             "pod {pod}"
         );
+        // The claim got the default StorageClass (WaitForFirstConsumer), and the scheduler
+        // wrote the pod's node on it for the provisioner.
         let claim = format!("data-web-{i}");
+        let node = jsonpath(&c, &["pod", &pod], "{.spec.nodeName}");
         assert_eq!(
             jsonpath(
                 &c,
                 &["pvc", &claim],
-                "{.metadata.labels.app} {.spec.resources.requests.storage}"
+                "{.metadata.labels.app} {.spec.resources.requests.storage} {.spec.storageClassName} {.metadata.annotations.volume\\.kubernetes\\.io/selected-node}"
             ),
-            "web 1Gi",
+            format!("web 1Gi local-path {node}"),
             "claim {claim}"
         );
     }

@@ -1,9 +1,11 @@
 //! The scheduler: a priority queue of pending pods (back-off for unschedulable ones, which come
-//! back when nodes or pods change), a cache of what every node offers and runs, the filters and
-//! scores of `plugins`, basic priority preemption, and binding through `pods/binding` without
-//! waiting (the pod is assumed on its node meanwhile).
+//! back when nodes, pods or storage change), a cache of what every node offers and runs, the
+//! filters and scores of `plugins` and `volumes`, priority preemption, and binding (the pod's
+//! volumes first, then `pods/binding`) without waiting (the pod is assumed on its node
+//! meanwhile).
 
 pub mod plugins;
+pub mod volumes;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
@@ -14,6 +16,7 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::api::status::ApiError;
 use crate::controllers::client::{
     is_terminating, key_of, name_of, namespace_of, split_key, uid_of, Client,
 };
@@ -21,7 +24,8 @@ use crate::controllers::events::Recorder;
 use crate::controllers::informer::{Change, Informer};
 use crate::controllers::pods::phase;
 use crate::controllers::Context;
-use plugins::{Candidate, NodeInfo};
+use plugins::{Candidate, NodeInfo, Rejection};
+use volumes::{Plan, VolumeLister, ANN_SELECTED_NODE};
 
 const SCHEDULER_NAME: &str = "default-scheduler";
 const MAX_BINDS_IN_FLIGHT: usize = 256;
@@ -79,11 +83,98 @@ struct Scheduler {
     client: Client,
     pods: Arc<Informer>,
     nodes: Arc<Informer>,
+    claims: Arc<Informer>,
+    volumes: Arc<Informer>,
+    classes: Arc<Informer>,
+    namespaces: Arc<Informer>,
+    services: Arc<Informer>,
+    /// Owners whose selectors default spreading follows (ReplicaSets, ReplicationControllers,
+    /// StatefulSets).
+    owners: HashMap<&'static str, Arc<Informer>>,
     recorder: Recorder,
     cache: Mutex<Cache>,
+    assumed_volumes: Mutex<AssumedVolumes>,
     queues: Mutex<Queues>,
     wake: Notify,
     binds: Arc<Semaphore>,
+}
+
+/// Volume bindings decided for pods being bound that the informers do not show yet (upstream's
+/// assume cache), so that the next pods see them.
+#[derive(Default)]
+struct AssumedVolumes {
+    /// Claim key → the node chosen for provisioning it.
+    claims: HashMap<String, String>,
+    /// Volume name → the volume with its new `claimRef`.
+    volumes: HashMap<String, Arc<Value>>,
+}
+
+impl AssumedVolumes {
+    fn assume(&mut self, plan: &Plan, node: &str) {
+        for k in &plan.provisions {
+            self.claims.insert(k.clone(), node.to_string());
+        }
+        for pv in &plan.static_bindings {
+            self.volumes
+                .insert(name_of(pv).to_string(), Arc::new(pv.clone()));
+        }
+    }
+
+    fn forget(&mut self, plan: &Plan) {
+        for k in &plan.provisions {
+            self.claims.remove(k);
+        }
+        for pv in &plan.static_bindings {
+            self.volumes.remove(name_of(pv));
+        }
+    }
+}
+
+/// The scheduler's `VolumeLister`: its informers, with the assumed bindings applied.
+struct Storage<'a>(&'a Scheduler);
+
+impl Storage<'_> {
+    fn with_assumed_volume(&self, pv: Arc<Value>) -> Arc<Value> {
+        let assumed = self.0.assumed_volumes.lock();
+        assumed.volumes.get(name_of(&pv)).cloned().unwrap_or(pv)
+    }
+}
+
+impl VolumeLister for Storage<'_> {
+    fn claim(&self, namespace: &str, name: &str) -> Option<Arc<Value>> {
+        let key = format!("{namespace}/{name}");
+        let claim = self.0.claims.get(&key)?;
+        let assumed = self.0.assumed_volumes.lock();
+        match assumed.claims.get(&key) {
+            Some(node) if volumes::selected_node(&claim) != Some(node.as_str()) => {
+                let mut c = (*claim).clone();
+                c["metadata"]["annotations"][ANN_SELECTED_NODE] = json!(node);
+                Some(Arc::new(c))
+            }
+            _ => Some(claim),
+        }
+    }
+
+    fn volume(&self, name: &str) -> Option<Arc<Value>> {
+        self.0
+            .volumes
+            .get(name)
+            .map(|pv| self.with_assumed_volume(pv))
+    }
+
+    fn class(&self, name: &str) -> Option<Arc<Value>> {
+        self.0.classes.get(name)
+    }
+
+    fn volumes_of_class(&self, class: &str) -> Vec<Arc<Value>> {
+        self.0
+            .volumes
+            .list()
+            .into_iter()
+            .map(|pv| self.with_assumed_volume(pv))
+            .filter(|pv| volumes::volume_class(pv) == class)
+            .collect()
+    }
 }
 
 fn responsible(pod: &Value) -> bool {
@@ -107,6 +198,24 @@ fn priority(pod: &Value) -> i64 {
 }
 
 impl Scheduler {
+    /// Waits until every informer the scheduler reads has its initial list.
+    async fn synced(&self) {
+        for i in [
+            &self.nodes,
+            &self.pods,
+            &self.claims,
+            &self.volumes,
+            &self.classes,
+            &self.namespaces,
+            &self.services,
+        ]
+        .into_iter()
+        .chain(self.owners.values())
+        {
+            i.wait_synced().await;
+        }
+    }
+
     fn enqueue(&self, pod: &Value) {
         let key = key_of(pod);
         let mut q = self.queues.lock();
@@ -251,6 +360,59 @@ impl Scheduler {
         self.cluster_changed();
     }
 
+    /// A claim, volume or storage class changed: parked pods may fit now; bindings the
+    /// informers now show are no longer assumed.
+    fn on_storage(&self, ch: &Change) {
+        let o = ch.object();
+        {
+            let mut a = self.assumed_volumes.lock();
+            match o["kind"].as_str().unwrap_or_default() {
+                "PersistentVolumeClaim" => {
+                    let key = key_of(o);
+                    let seen = matches!(ch, Change::Deleted(_))
+                        || a.claims.get(&key).map(String::as_str) == volumes::selected_node(o);
+                    if seen {
+                        a.claims.remove(&key);
+                    }
+                }
+                "PersistentVolume" => {
+                    let name = name_of(o);
+                    let seen = matches!(ch, Change::Deleted(_))
+                        || a.volumes.get(name).is_some_and(|pv| {
+                            pv["spec"]["claimRef"]["uid"] == o["spec"]["claimRef"]["uid"]
+                        });
+                    if seen {
+                        a.volumes.remove(name);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.cluster_changed();
+    }
+
+    /// The pod as the plugins see it: namespace selectors resolved, default spreading.
+    fn candidate(&self, pod: Arc<Value>) -> Candidate {
+        let mut cand = Candidate::new(pod);
+        let ns = cand.me.namespace.clone();
+        let namespaces = if cand.has_namespace_selectors() {
+            self.namespaces.list()
+        } else {
+            self.namespaces.get(&ns).into_iter().collect()
+        };
+        cand.resolve_namespaces(&namespaces);
+        if !cand.has_spread {
+            let owner = plugins::spreading_owner(&cand.pod)
+                .and_then(|(kind, name)| self.owners.get(kind)?.get(&format!("{ns}/{name}")));
+            cand.default_spread = plugins::default_selector(
+                &cand.pod,
+                &self.services.list_namespace(&ns),
+                owner.as_deref(),
+            );
+        }
+        cand
+    }
+
     async fn schedule_one(self: &Arc<Self>, key: String) {
         let Some(pod) = self.pods.get(&key) else {
             return;
@@ -265,74 +427,44 @@ impl Scheduler {
         if self.cache.lock().assumed.contains(&key) {
             return;
         }
-        let cand = Candidate::new(pod.clone());
+        let mut cand = self.candidate(pod.clone());
+        let claims = volumes::pre_filter(&pod, &Storage(self));
+        let never_preempts = cand.pod["spec"]["preemptionPolicy"] == "Never";
         let decision = {
             let c = self.cache.lock();
-            let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-            let mut failed_nodes: Vec<(String, String)> = Vec::new();
-            let mut best: Option<(f64, &str)> = None;
-            let mut names: Vec<&String> = c.nodes.keys().collect();
-            names.sort();
-            for name in names {
-                let node = &c.nodes[name];
-                match plugins::filter(&cand, node, &c.nodes) {
-                    Ok(()) => {
-                        let s = plugins::score(&cand, node, &c.nodes);
-                        if best.is_none_or(|(b, _)| s > b) {
-                            best = Some((s, name));
-                        }
-                    }
-                    Err(r) => {
-                        for part in plugins::split_reasons(&r) {
-                            *reasons.entry(part).or_default() += 1;
-                        }
-                        failed_nodes.push((name.clone(), r));
-                    }
-                }
-            }
-            match best {
-                Some((_, n)) => Ok(n.to_string()),
-                None => {
-                    // Preemption: a node where only resources are missing and lower-priority
-                    // pods could make room.
-                    let mut choice: Option<(String, Vec<String>)> = None;
-                    let never_preempts = cand.pod["spec"]["preemptionPolicy"] == "Never";
-                    for (name, r) in &failed_nodes {
-                        if never_preempts || !plugins::resources_only(r) {
-                            continue;
-                        }
-                        if let Some(v) = plugins::victims(&cand, &c.nodes[name]) {
-                            if choice.as_ref().is_none_or(|(_, cv)| v.len() < cv.len()) {
-                                choice = Some((name.clone(), v));
-                            }
-                        }
-                    }
-                    let preemption = if choice.is_some() {
-                        String::new()
-                    } else if never_preempts {
-                        "preemption: not eligible due to preemptionPolicy=Never.".to_string()
+            let total = c.nodes.len();
+            match claims {
+                _ if total == 0 => Err(Unschedulable {
+                    message: "0/0 nodes are available: no nodes available to schedule pods."
+                        .to_string(),
+                    preempt: None,
+                }),
+                Err(reason) => {
+                    // A PreFilter rejection: every node gets it, and preemption cannot help.
+                    let preemption = if never_preempts {
+                        NEVER_PREEMPTS.to_string()
                     } else {
-                        let resources = failed_nodes
-                            .iter()
-                            .filter(|(_, r)| plugins::resources_only(r))
-                            .count();
-                        plugins::preemption_message(
-                            c.nodes.len(),
-                            failed_nodes.len() - resources,
-                            resources,
-                        )
+                        plugins::preemption_message(total, total, 0)
                     };
-                    Err((c.nodes.len(), reasons, choice, preemption))
+                    Err(Unschedulable {
+                        message: plugins::pre_filter_message(total, &reason, &preemption),
+                        preempt: None,
+                    })
+                }
+                Ok(claims) => {
+                    cand.volumes = claims;
+                    decide(&cand, &c.nodes, never_preempts)
                 }
             }
         };
         match decision {
-            Ok(node) => {
+            Ok((node, plan)) => {
                 {
                     let mut c = self.cache.lock();
                     c.assumed.insert(key.clone());
                     c.place(&pod, &node);
                 }
+                self.assumed_volumes.lock().assume(&plan, &node);
                 let me = self.clone();
                 let permit = self
                     .binds
@@ -342,7 +474,10 @@ impl Scheduler {
                     .expect("semaphore open");
                 tokio::spawn(async move {
                     let (ns, name) = split_key(&key);
-                    let res = me.client.bind(ns.unwrap_or_default(), name, &node).await;
+                    let mut res = me.pre_bind(&node, &plan).await;
+                    if res.is_ok() {
+                        res = me.client.bind(ns.unwrap_or_default(), name, &node).await;
+                    }
                     drop(permit);
                     match res {
                         Ok(()) => me.recorder.event(
@@ -357,6 +492,7 @@ impl Scheduler {
                         ),
                         Err(e) => {
                             tracing::debug!(pod = %key, error = %e, "binding failed");
+                            me.assumed_volumes.lock().forget(&plan);
                             {
                                 let mut c = me.cache.lock();
                                 c.assumed.remove(&key);
@@ -371,14 +507,7 @@ impl Scheduler {
                     }
                 });
             }
-            Err((total, reasons, preempt, preemption)) => {
-                let message = if total == 0 {
-                    "0/0 nodes are available: no nodes available to schedule pods.".to_string()
-                } else {
-                    plugins::unschedulable_message(total, &reasons, &preemption)
-                        .trim_end()
-                        .to_string()
-                };
+            Err(Unschedulable { message, preempt }) => {
                 self.park(&key);
                 self.report_unschedulable(&pod, &message).await;
                 if let Some((node, victims)) = preempt {
@@ -388,11 +517,40 @@ impl Scheduler {
         }
     }
 
+    /// Upstream's PreBind of VolumeBinding: binds the chosen existing volumes to their claims
+    /// (`claimRef`) and writes the chosen node on the claims to provision. Upstream then waits
+    /// (up to 10 minutes) until the PV controller and the provisioner have bound every claim;
+    /// k3rs has neither yet (the storage issue adds PV binding and local-path provisioning), so
+    /// the pod is bound right away and nothing waits for its volumes.
+    async fn pre_bind(&self, node: &str, plan: &Plan) -> Result<(), ApiError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let pvs = self.volumes.def.clone();
+        for pv in &plan.static_bindings {
+            self.client.update(&pvs, None, pv.clone()).await?;
+        }
+        let pvcs = self.claims.def.clone();
+        for k in &plan.provisions {
+            let (ns, name) = split_key(k);
+            self.client
+                .merge_patch(
+                    &pvcs,
+                    ns,
+                    name,
+                    &json!({"metadata": {"annotations": {ANN_SELECTED_NODE: node}}}),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     fn park(&self, key: &str) {
         let mut q = self.queues.lock();
         q.queued.remove(key);
         let attempts = q.parked.get(key).map_or(1, |(a, _, _)| a + 1);
-        q.parked.insert(key.to_string(), (attempts, Instant::now(), false));
+        q.parked
+            .insert(key.to_string(), (attempts, Instant::now(), false));
     }
 
     async fn report_unschedulable(&self, pod: &Value, message: &str) {
@@ -461,6 +619,103 @@ impl Scheduler {
     }
 }
 
+const NEVER_PREEMPTS: &str = "preemption: not eligible due to preemptionPolicy=Never.";
+
+/// Why a pod was not scheduled: the FailedScheduling message, and the node to free (with the
+/// pods to evict) when preemption can help.
+struct Unschedulable {
+    message: String,
+    preempt: Option<(String, Vec<String>)>,
+}
+
+/// One scheduling cycle over the cached nodes (after the volume PreFilter): filters, scores,
+/// and preemption when no node fits. The chosen node and what binding the pod's volumes there
+/// takes, or why none was chosen. Ties go to the first node by name.
+fn decide(
+    cand: &Candidate,
+    nodes: &HashMap<String, NodeInfo>,
+    never_preempts: bool,
+) -> Result<(String, Plan), Unschedulable> {
+    let state = plugins::pre_filter(cand, nodes);
+    let mut names: Vec<&String> = nodes.keys().collect();
+    names.sort();
+    let mut feasible: Vec<&NodeInfo> = Vec::new();
+    let mut rejected: Vec<(&NodeInfo, Rejection)> = Vec::new();
+    for name in names {
+        let node = &nodes[name];
+        match plugins::filter(cand, &state, node) {
+            Ok(()) => feasible.push(node),
+            Err(r) => rejected.push((node, r)),
+        }
+    }
+    if !feasible.is_empty() {
+        let totals: Vec<i64> = plugins::score(cand, &feasible, nodes)
+            .iter()
+            .map(plugins::Scores::total)
+            .collect();
+        let mut best = 0;
+        for (i, t) in totals.iter().enumerate() {
+            if *t > totals[best] {
+                best = i;
+            }
+        }
+        let node = feasible[best];
+        return Ok((node.name.clone(), cand.volumes.plan(node)));
+    }
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, r) in &rejected {
+        for reason in &r.reasons {
+            *reasons.entry(reason.clone()).or_default() += 1;
+        }
+    }
+    let total = nodes.len();
+    if never_preempts {
+        return Err(Unschedulable {
+            message: plugins::unschedulable_message(total, &reasons, NEVER_PREEMPTS),
+            preempt: None,
+        });
+    }
+    // Preemption on the nodes whose failure is resolvable: the node whose victims matter least
+    // (lowest highest priority, then lowest priority sum, then fewest), as upstream without
+    // PodDisruptionBudgets.
+    let unhelpful = rejected.iter().filter(|(_, r)| r.unresolvable).count();
+    let mut no_victims = 0;
+    // (rank, node, victims)
+    type Choice = ((i64, i64, usize), String, Vec<String>);
+    let mut choice: Option<Choice> = None;
+    for (node, _) in rejected.iter().filter(|(_, r)| !r.unresolvable) {
+        let Some(v) = plugins::victims(cand, &state, node) else {
+            no_victims += 1;
+            continue;
+        };
+        let prios: Vec<i64> = v.iter().map(|k| node.pods[k].priority).collect();
+        let rank = (
+            prios.iter().copied().max().unwrap_or(0),
+            prios.iter().sum(),
+            v.len(),
+        );
+        if choice.as_ref().is_none_or(|(r, _, _)| rank < *r) {
+            choice = Some((rank, node.name.clone(), v));
+        }
+    }
+    match choice {
+        Some((_, node, victims)) => Err(Unschedulable {
+            message: plugins::unschedulable_message(total, &reasons, "")
+                .trim_end()
+                .to_string(),
+            preempt: Some((node, victims)),
+        }),
+        None => Err(Unschedulable {
+            message: plugins::unschedulable_message(
+                total,
+                &reasons,
+                &plugins::preemption_message(total, unhelpful, no_victims),
+            ),
+            preempt: None,
+        }),
+    }
+}
+
 fn backoff(attempts: u32) -> Duration {
     (Duration::from_secs(1) * 2u32.pow(attempts.saturating_sub(1).min(4)))
         .min(Duration::from_secs(10))
@@ -468,12 +723,24 @@ fn backoff(attempts: u32) -> Duration {
 
 pub fn start(ctx: Arc<Context>) -> Vec<tokio::task::JoinHandle<()>> {
     let client = ctx.client("default-scheduler");
+    let inf = |group: &str, plural: &str| ctx.informers.get(&client.def(group, "v1", plural));
     let s = Arc::new(Scheduler {
-        pods: ctx.informers.get(&client.def("", "v1", "pods")),
-        nodes: ctx.informers.get(&client.def("", "v1", "nodes")),
+        pods: inf("", "pods"),
+        nodes: inf("", "nodes"),
+        claims: inf("", "persistentvolumeclaims"),
+        volumes: inf("", "persistentvolumes"),
+        classes: inf("storage.k8s.io", "storageclasses"),
+        namespaces: inf("", "namespaces"),
+        services: inf("", "services"),
+        owners: HashMap::from([
+            ("ReplicaSet", inf("apps", "replicasets")),
+            ("ReplicationController", inf("", "replicationcontrollers")),
+            ("StatefulSet", inf("apps", "statefulsets")),
+        ]),
         recorder: Recorder::new(client.clone(), "default-scheduler"),
         client,
         cache: Mutex::new(Cache::default()),
+        assumed_volumes: Mutex::new(AssumedVolumes::default()),
         queues: Mutex::new(Queues::default()),
         wake: Notify::new(),
         binds: Arc::new(Semaphore::new(MAX_BINDS_IN_FLIGHT)),
@@ -484,8 +751,10 @@ pub fn start(ctx: Arc<Context>) -> Vec<tokio::task::JoinHandle<()>> {
         tasks.push(tokio::spawn(async move {
             let mut node_rx = s.nodes.subscribe();
             let mut pod_rx = s.pods.subscribe();
-            s.nodes.wait_synced().await;
-            s.pods.wait_synced().await;
+            let mut claim_rx = s.claims.subscribe();
+            let mut volume_rx = s.volumes.subscribe();
+            let mut class_rx = s.classes.subscribe();
+            s.synced().await;
             for n in s.nodes.list() {
                 s.on_node(&Change::Added(n));
             }
@@ -498,6 +767,9 @@ pub fn start(ctx: Arc<Context>) -> Vec<tokio::task::JoinHandle<()>> {
                 tokio::select! {
                     Some(ch) = node_rx.recv() => s.on_node(&ch),
                     Some(ch) = pod_rx.recv() => s.on_pod(&ch),
+                    Some(ch) = claim_rx.recv() => s.on_storage(&ch),
+                    Some(ch) = volume_rx.recv() => s.on_storage(&ch),
+                    Some(ch) = class_rx.recv() => s.on_storage(&ch),
                     _ = tick.tick() => {
                         let force = last_force.elapsed() > Duration::from_secs(60);
                         if force {
@@ -513,8 +785,7 @@ pub fn start(ctx: Arc<Context>) -> Vec<tokio::task::JoinHandle<()>> {
     {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.nodes.wait_synced().await;
-            s.pods.wait_synced().await;
+            s.synced().await;
             loop {
                 let key = s.next().await;
                 s.schedule_one(key).await;
@@ -522,4 +793,100 @@ pub fn start(ctx: Arc<Context>) -> Vec<tokio::task::JoinHandle<()>> {
         }));
     }
     tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod on a test node: name, priority, cpu request.
+    type TestPod<'a> = (&'a str, i64, &'a str);
+
+    fn nodes(list: &[(&str, &str, &[TestPod])]) -> HashMap<String, NodeInfo> {
+        list.iter()
+            .map(|(name, cpu, pods)| {
+                let mut n = NodeInfo::from_node(&json!({
+                    "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                    "status": {"allocatable": {"cpu": cpu, "memory": "8Gi", "pods": "110"}},
+                }));
+                for (p, prio, cpu) in pods.iter() {
+                    n.add_pod(plugins::placed(&json!({
+                        "metadata": {"name": p, "namespace": "d"},
+                        "spec": {"priority": prio, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]},
+                    })));
+                }
+                (name.to_string(), n)
+            })
+            .collect()
+    }
+
+    fn candidate(priority: i64, cpu: &str, extra: Value) -> Candidate {
+        let mut pod = json!({
+            "metadata": {"name": "new", "namespace": "d"},
+            "spec": {"priority": priority, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]},
+        });
+        if let (Some(spec), Some(extra)) = (pod["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        Candidate::new(Arc::new(pod))
+    }
+
+    fn failure(
+        r: Result<(String, Plan), Unschedulable>,
+    ) -> (String, Option<(String, Vec<String>)>) {
+        match r {
+            Ok((node, _)) => panic!("scheduled on {node}"),
+            Err(u) => (u.message, u.preempt),
+        }
+    }
+
+    #[test]
+    fn the_best_node_wins_and_ties_go_to_the_first_by_name() {
+        let ns = nodes(&[
+            ("b", "4", &[]),
+            ("a", "4", &[]),
+            ("c", "4", &[("x", 0, "2")]),
+        ]);
+        let got = decide(&candidate(0, "1", json!({})), &ns, false);
+        assert_eq!(got.ok().map(|(n, _)| n), Some("a".to_string()));
+    }
+
+    #[test]
+    fn preemption_frees_the_node_whose_victims_matter_least() {
+        let ns = nodes(&[
+            ("a", "2", &[("a-mid", 5, "2")]),
+            ("b", "2", &[("b-low", 1, "1"), ("b-low2", 1, "1")]),
+            ("c", "2", &[("c-high", 50, "2")]),
+        ]);
+        let (message, preempt) = failure(decide(&candidate(10, "2", json!({})), &ns, false));
+        assert_eq!(message, "0/3 nodes are available: 3 Insufficient cpu.");
+        assert_eq!(
+            preempt,
+            Some((
+                "b".to_string(),
+                vec!["d/b-low".to_string(), "d/b-low2".to_string()]
+            ))
+        );
+    }
+
+    #[test]
+    fn without_victims_the_message_says_why_per_node() {
+        let mut ns = nodes(&[("a", "2", &[("a-high", 50, "2")]), ("big", "8", &[])]);
+        ns.get_mut("big").unwrap().unschedulable = true;
+        let (message, preempt) = failure(decide(&candidate(10, "2", json!({})), &ns, false));
+        assert_eq!(
+            message,
+            "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) were unschedulable. preemption: 0/2 nodes are available: 1 No preemption victims found for incoming pod, 1 Preemption is not helpful for scheduling."
+        );
+        assert_eq!(preempt, None);
+        let (message, _) = failure(decide(
+            &candidate(10, "2", json!({"preemptionPolicy": "Never"})),
+            &ns,
+            true,
+        ));
+        assert!(
+            message.ends_with(". preemption: not eligible due to preemptionPolicy=Never."),
+            "{message}"
+        );
+    }
 }

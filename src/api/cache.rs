@@ -13,10 +13,15 @@ use k3rs_storage::{EventKind, KeyRange, RangeRequest, Store, WatchMessage, Watch
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{broadcast, Notify};
 
-/// Events kept for watches that resume from a recent resourceVersion.
+/// Events kept for watches that resume from a recent resourceVersion: at most this many, and
+/// no more than `EVENT_WINDOW_BYTES` of objects beyond the first `EVENT_WINDOW_MIN` (a burst of
+/// large objects would otherwise pin hundreds of MiB). Older resourceVersions get 410 Gone and
+/// clients relist, as against kube-apiserver's watch cache.
 const EVENT_WINDOW: usize = 4096;
+const EVENT_WINDOW_MIN: usize = 128;
+const EVENT_WINDOW_BYTES: usize = 16 << 20;
 /// Live events queued per watcher before it must replay from the window.
-const FANOUT_CAPACITY: usize = 4096;
+const FANOUT_CAPACITY: usize = 1024;
 
 #[derive(Clone, Debug)]
 pub struct CachedObject {
@@ -41,6 +46,9 @@ struct State {
     /// Everything up to this revision is reflected.
     revision: i64,
     events: VecDeque<Arc<CachedEvent>>,
+    /// Object bytes the window's events hold (a previous version shared with the object map
+    /// or an earlier event is counted again: an upper bound).
+    events_bytes: usize,
     next_seq: u64,
     /// Bumped whenever the cache was rebuilt from scratch (watchers must restart).
     epoch: u64,
@@ -74,6 +82,7 @@ impl ResourceCache {
                 objects: BTreeMap::new(),
                 revision: 0,
                 events: VecDeque::new(),
+                events_bytes: 0,
                 next_seq: 1,
                 epoch: 0,
                 ready: false,
@@ -192,13 +201,25 @@ impl ResourceCache {
 
     fn apply(&self, revision: i64, events: Vec<(EventKind, CachedObject, Option<CachedObject>)>) {
         let mut st = self.state.write();
-        for (kind, object, prev) in events {
+        for (kind, object, mut prev) in events {
+            // The store decodes the previous version anew; share the cache's copy instead.
             match kind {
                 EventKind::Put => {
-                    st.objects.insert(object.key.clone(), object.clone());
+                    let old = st.objects.insert(object.key.clone(), object.clone());
+                    if let (Some(p), Some(old)) = (prev.as_mut(), old) {
+                        if p.mod_revision == old.mod_revision {
+                            *p = old;
+                        }
+                    }
                 }
                 EventKind::Delete => {
-                    st.objects.remove(&object.key);
+                    if let Some(old) = st.objects.remove(&object.key) {
+                        if let Some(p) =
+                            prev.as_mut().filter(|p| p.mod_revision == old.mod_revision)
+                        {
+                            *p = old;
+                        }
+                    }
                 }
             }
             let seq = st.next_seq;
@@ -210,9 +231,15 @@ impl ResourceCache {
                 object,
                 prev,
             });
+            st.events_bytes += event_bytes(&ev);
             st.events.push_back(ev.clone());
-            if st.events.len() > EVENT_WINDOW {
-                st.events.pop_front();
+            while st.events.len() > EVENT_WINDOW
+                || (st.events.len() > EVENT_WINDOW_MIN && st.events_bytes > EVENT_WINDOW_BYTES)
+            {
+                let Some(old) = st.events.pop_front() else {
+                    break;
+                };
+                st.events_bytes -= event_bytes(&old);
             }
             let _ = self.fanout.send(ev);
         }
@@ -231,6 +258,10 @@ impl ResourceCache {
         drop(st);
         self.rev_tx.send_replace(rev);
     }
+}
+
+fn event_bytes(e: &CachedEvent) -> usize {
+    e.object.value.len() + e.prev.as_ref().map_or(0, |p| p.value.len())
 }
 
 /// A watcher's view of the cache.
@@ -291,6 +322,7 @@ async fn feed(store: Store, cache: Arc<ResourceCache>) {
                 .collect();
             st.revision = list.revision;
             st.events.clear();
+            st.events_bytes = 0;
             st.epoch += 1;
             st.ready = true;
         }
@@ -463,5 +495,56 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&tricky).unwrap();
         assert_eq!(v["metadata"]["resourceVersion"], "3");
         assert_eq!(v["a"], "\"metadata\":{");
+    }
+
+    fn obj(name: &str, size: usize, rev: i64) -> CachedObject {
+        CachedObject {
+            key: Bytes::from(format!("/registry/pods/d/{name}")),
+            value: Bytes::from(vec![b'x'; size]),
+            mod_revision: rev,
+        }
+    }
+
+    #[test]
+    fn event_window_is_bounded_by_bytes_and_shares_previous_versions() {
+        let c = ResourceCache::new("/registry/pods/".into());
+        // 64 KiB objects, each updated once: 2 × 600 events would be 75 MiB unbounded.
+        let mut rev = 1;
+        for i in 0..600 {
+            c.apply(
+                rev,
+                vec![(EventKind::Put, obj(&i.to_string(), 64 << 10, rev), None)],
+            );
+            rev += 1;
+        }
+        let cached_599 = c.state.read().objects[&Bytes::from("/registry/pods/d/599")]
+            .value
+            .as_ptr();
+        for i in 0..600 {
+            let prev = obj(&i.to_string(), 64 << 10, rev - 600);
+            c.apply(
+                rev,
+                vec![(
+                    EventKind::Put,
+                    obj(&i.to_string(), 64 << 10, rev),
+                    Some(prev),
+                )],
+            );
+            rev += 1;
+        }
+        let st = c.state.read();
+        assert!(st.events_bytes <= EVENT_WINDOW_BYTES, "{}", st.events_bytes);
+        assert!(st.events.len() >= EVENT_WINDOW_MIN);
+        // The previous version is the cached object's own buffer, not a second copy.
+        let last = st.events.back().expect("events");
+        let prev = last.prev.as_ref().expect("prev");
+        let first = st.events.front().expect("events");
+        assert_eq!(prev.mod_revision, rev - 601);
+        assert_eq!(prev.value.as_ptr(), cached_599);
+        assert!(first.seq > 1);
+        drop(st);
+        // A watcher that fell behind the window is told to relist; a recent one replays.
+        assert!(c.events_after(1).is_none());
+        assert_eq!(c.events_after(1199).map(|e| e.len()), Some(1));
     }
 }

@@ -75,6 +75,23 @@ pub fn stamp(def: &ResourceDef, v: &mut Value, rev: i64) {
     }
 }
 
+/// A stored object as served at `rev`: the stored JSON with its resourceVersion spliced in when
+/// it already names the served apiVersion (it leads, keys being sorted), else decoded and
+/// stamped (a kind served in several versions that share storage).
+pub fn served_bytes(def: &ResourceDef, stored: &[u8], rev: i64) -> Vec<u8> {
+    let lead = format!("{{\"apiVersion\":\"{}\",", def.api_version());
+    if stored.starts_with(lead.as_bytes()) {
+        return crate::api::cache::splice_resource_version(stored, rev);
+    }
+    match serde_json::from_slice::<Value>(stored) {
+        Ok(mut v) => {
+            stamp(def, &mut v, rev);
+            serde_json::to_vec(&v).expect("serializing JSON to memory cannot fail")
+        }
+        Err(_) => crate::api::cache::splice_resource_version(stored, rev),
+    }
+}
+
 fn encode_for_store(v: &Value) -> Vec<u8> {
     let mut v = v.clone();
     if let Some(md) = v.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -1377,7 +1394,7 @@ pub async fn list_cached(
         if opts.limit != 0 && items.len() >= opts.limit {
             break;
         }
-        let raw = crate::api::cache::splice_resource_version(&o.value, o.mod_revision);
+        let raw = served_bytes(def, &o.value, o.mod_revision);
         if filtering {
             let v: Value =
                 serde_json::from_slice(&raw).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -1424,6 +1441,25 @@ mod tests {
         let evil = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(json!({"rv": 1, "start": "../secrets/x"}).to_string());
         assert!(decode_continue(&evil).is_err());
+    }
+
+    #[test]
+    fn stored_objects_are_served_with_their_revision_and_the_served_version() {
+        let r = crate::api::resources::Registry::new();
+        let v2 = r
+            .get("autoscaling", "v2", "horizontalpodautoscalers")
+            .unwrap();
+        let v1 = r
+            .get("autoscaling", "v1", "horizontalpodautoscalers")
+            .unwrap();
+        let stored = encode_for_store(&json!({"apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler", "metadata": {"name": "h"}, "spec": {}}));
+        let same: Value = serde_json::from_slice(&served_bytes(&v2, &stored, 7)).unwrap();
+        assert_eq!(same["metadata"]["resourceVersion"], "7");
+        assert_eq!(same["apiVersion"], "autoscaling/v2");
+        let other: Value = serde_json::from_slice(&served_bytes(&v1, &stored, 8)).unwrap();
+        assert_eq!(other["metadata"]["resourceVersion"], "8");
+        assert_eq!(other["apiVersion"], "autoscaling/v1");
     }
 
     #[test]

@@ -105,6 +105,39 @@ fn cached_value(def: &ResourceDef, o: &CachedObject) -> Option<Value> {
     Some(v)
 }
 
+/// A watch line for stored JSON, with the resourceVersion spliced in instead of decoding and
+/// encoding the object again (`served_bytes`).
+fn raw_line(def: &ResourceDef, kind: &str, stored: &[u8], rev: i64) -> Bytes {
+    let obj = objects::served_bytes(def, stored, rev);
+    let mut s = Vec::with_capacity(obj.len() + 40);
+    s.extend_from_slice(b"{\"type\":\"");
+    s.extend_from_slice(kind.as_bytes());
+    s.extend_from_slice(b"\",\"object\":");
+    s.extend_from_slice(&obj);
+    s.extend_from_slice(b"}\n");
+    Bytes::from(s)
+}
+
+impl Encoder {
+    /// The line for a stored object at `rev`: spliced bytes, or a decoded one-row Table.
+    fn stored(&mut self, kind: &str, stored: &[u8], rev: i64) -> Option<Bytes> {
+        if self.table.is_none() {
+            return Some(raw_line(&self.def, kind, stored, rev));
+        }
+        let mut v: Value = serde_json::from_slice(stored).ok()?;
+        objects::stamp(&self.def, &mut v, rev);
+        Some(self.event(kind, v))
+    }
+}
+
+/// Whether stored JSON passes the watch's selectors (decoded only when there are any).
+fn selected(def: &ResourceDef, opts: &ListOpts, o: &CachedObject) -> bool {
+    if opts.labels.is_empty() && opts.fields.is_empty() {
+        return true;
+    }
+    cached_value(def, o).is_some_and(|v| opts.matches(&v))
+}
+
 fn to_line(
     def: &ResourceDef,
     opts: &ListOpts,
@@ -115,12 +148,26 @@ fn to_line(
     if !ev.object.key.starts_with(prefix.as_bytes()) {
         return None;
     }
-    let new = match ev.kind {
-        EventKind::Put => cached_value(def, &ev.object),
-        EventKind::Delete => None,
-    };
-    let prev = ev.prev.as_ref().and_then(|p| cached_value(def, p));
-    classify(def, opts, ev.kind, new, prev, ev.revision).map(|(k, o)| enc.event(k, o))
+    match ev.kind {
+        EventKind::Put => {
+            let now = selected(def, opts, &ev.object);
+            let before = ev.prev.as_ref().is_some_and(|p| selected(def, opts, p));
+            let kind = match (before, now) {
+                (false, true) => "ADDED",
+                (true, true) => "MODIFIED",
+                (true, false) => "DELETED",
+                (false, false) => return None,
+            };
+            enc.stored(kind, &ev.object.value, ev.object.mod_revision)
+        }
+        EventKind::Delete => {
+            let p = ev.prev.as_ref()?;
+            if !selected(def, opts, p) {
+                return None;
+            }
+            enc.stored("DELETED", &p.value, ev.revision)
+        }
+    }
 }
 
 /// Serves a watch from the watch cache; `None` when the cache cannot (a resourceVersion older
@@ -181,10 +228,13 @@ async fn start_cached(
     let deadline = params.timeout.map(|t| tokio::time::Instant::now() + t);
     tokio::spawn(async move {
         for o in std::mem::take(&mut sub.initial) {
-            let Some(v) = cached_value(&def, &o) else {
+            if !selected(&def, &opts, &o) {
+                continue;
+            }
+            let Some(b) = enc.stored("ADDED", &o.value, o.mod_revision) else {
                 continue;
             };
-            if opts.matches(&v) && tx.send(enc.event("ADDED", v)).await.is_err() {
+            if tx.send(b).await.is_err() {
                 return;
             }
         }

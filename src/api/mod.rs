@@ -5,6 +5,7 @@
 // on the error path of nearly every function here, where its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod admission;
 pub mod apply;
 pub mod cache;
 pub mod crd;

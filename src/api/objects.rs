@@ -17,7 +17,7 @@ use crate::api::request::{FieldValidation, Query};
 use crate::api::resources::ResourceDef;
 use crate::api::selectors::{supported_fields, FieldSelector, LabelSelector};
 use crate::api::status::{ApiError, ApiResult, Cause};
-use crate::api::{defaults, validation, ApiState, User};
+use crate::api::{admission, defaults, validation, ApiState, User};
 
 /// Largest accepted request body (upstream's limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 3 << 20;
@@ -353,7 +353,7 @@ async fn check_namespace(st: &ApiState, def: &ResourceDef, ns: &str) -> ApiResul
 /// `spec.storageClassName`, no beta class annotation; an explicit "" is a choice) gets the
 /// default StorageClass, the one annotated `storageclass.kubernetes.io/is-default-class: "true"`
 /// (the newest, then the first by name, if several).
-async fn default_storage_class(st: &ApiState, obj: &mut Value) -> ApiResult<()> {
+pub(crate) async fn default_storage_class(st: &ApiState, obj: &mut Value) -> ApiResult<()> {
     let has_class = obj
         .pointer("/spec/storageClassName")
         .is_some_and(|v| !v.is_null())
@@ -408,7 +408,7 @@ pub async fn create(
     ns: Option<&str>,
     mut obj: Value,
     opts: &WriteOpts,
-    _user: &User,
+    user: &User,
 ) -> ApiResult<(Value, Vec<String>)> {
     check_kind(def, &mut obj)?;
     {
@@ -442,9 +442,6 @@ pub async fn create(
     }
     let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
     defaults::apply(&def.group, &def.kind, &mut obj);
-    if def.group.is_empty() && def.kind == "PersistentVolumeClaim" {
-        default_storage_class(st, &mut obj).await?;
-    }
     if resets_status_on_create(def) {
         if let Some(m) = obj.as_object_mut() {
             m.remove("status");
@@ -467,18 +464,10 @@ pub async fn create(
         crate::api::crd::validate_custom(def, crd, &obj)?;
     }
     check_namespace(st, def, ns.unwrap_or_default()).await?;
-    {
-        let md = meta_mut(&mut obj);
-        md.insert("uid".into(), json!(new_uid()));
-        md.insert("creationTimestamp".into(), json!(now_rfc3339()));
-    }
-    if has_generation(&obj) {
-        meta_mut(&mut obj).insert("generation".into(), json!(1));
-    }
-    if def.group == "batch" && def.kind == "Job" {
-        job_selector(&mut obj);
-    }
-    record_manager(&mut obj, opts, &def.api_version(), None);
+    // A step that reserves something may have to run again from the object as it came.
+    let before_admission = admission::reserves(def).then(|| obj.clone());
+    let mut extra = admission::create(st, def, ns, &mut obj, user, opts.dry_run).await?;
+    finish_new(def, &mut obj, opts);
     let name = meta_str(&obj, "name").to_string();
     if opts.dry_run {
         let exists = st.store.get(def.key(ns, &name)).await?.is_some();
@@ -488,22 +477,31 @@ pub async fn create(
         return Ok((obj, warnings));
     }
     let lease = lease_for(st, def).await?;
-    // Generated names retry on collision, as upstream.
+    // Generated names retry on collision, as upstream; so do admission reservations that
+    // raced (their compares failed while the name was free).
     for attempt in 0..8 {
         let name = meta_str(&obj, "name").to_string();
         let key = def.key(ns, &name);
         let bytes = encode_for_store(&obj);
+        let mut compares = vec![Compare::absent(key.clone())];
+        compares.extend(extra.compares.iter().cloned());
+        let mut ops = vec![TxnOp::Put(PutRequest::new(key.clone(), bytes).lease(lease))];
+        ops.extend(extra.ops.iter().cloned());
         let resp = st
             .store
-            .txn(
-                TxnRequest::new()
-                    .when([Compare::absent(key.clone())])
-                    .and_then([TxnOp::Put(PutRequest::new(key.clone(), bytes).lease(lease))]),
-            )
+            .txn(TxnRequest::new().when(compares).and_then(ops))
             .await?;
         if resp.succeeded {
             stamp(def, &mut obj, resp.revision);
             return Ok((obj, warnings));
+        }
+        if let Some(base) = before_admission.as_ref().filter(|_| attempt < 7) {
+            if st.store.get(key.clone()).await?.is_none() {
+                obj = base.clone();
+                extra = admission::create(st, def, ns, &mut obj, user, false).await?;
+                finish_new(def, &mut obj, opts);
+                continue;
+            }
         }
         if generate.is_empty() || attempt == 7 {
             return Err(ApiError::already_exists(&def.group, &def.plural, &name));
@@ -514,6 +512,22 @@ pub async fn create(
         );
     }
     unreachable_generate()
+}
+
+/// What the server sets on every new object once it is admitted.
+fn finish_new(def: &ResourceDef, obj: &mut Value, opts: &WriteOpts) {
+    {
+        let md = meta_mut(obj);
+        md.insert("uid".into(), json!(new_uid()));
+        md.insert("creationTimestamp".into(), json!(now_rfc3339()));
+    }
+    if has_generation(obj) {
+        meta_mut(obj).insert("generation".into(), json!(1));
+    }
+    if def.group == "batch" && def.kind == "Job" {
+        job_selector(obj);
+    }
+    record_manager(obj, opts, &def.api_version(), None);
 }
 
 fn unreachable_generate() -> ApiResult<(Value, Vec<String>)> {
@@ -708,6 +722,7 @@ pub async fn update(
             json!(if bump { g + 1 } else { g.max(1) }),
         );
     }
+    let extra = admission::update(st, def, ns, &old, &mut obj, opts.dry_run).await?;
     let mut causes = kind_causes(def, &obj);
     if part != Part::All {
         // Internal writers (the binding of a pod) may change what users may not.
@@ -766,20 +781,23 @@ pub async fn update(
             .pointer("/spec/finalizers")
             .and_then(Value::as_array)
             .is_none_or(|f| f.is_empty());
-    let op = if finalized {
-        TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(key.clone())))
+    let mut ops = if finalized {
+        let mut ops = vec![TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(
+            key.clone(),
+        )))];
+        ops.extend(admission::removed(st, def, &obj));
+        ops
     } else {
-        TxnOp::Put(
+        vec![TxnOp::Put(
             PutRequest::new(key.clone(), encode_for_store(&obj)).lease(lease_for(st, def).await?),
-        )
+        )]
     };
+    ops.extend(extra.ops);
+    let mut compares = vec![Compare::mod_revision_is(key, old_rev)];
+    compares.extend(extra.compares);
     let resp = st
         .store
-        .txn(
-            TxnRequest::new()
-                .when([Compare::mod_revision_is(key, old_rev)])
-                .and_then([op]),
-        )
+        .txn(TxnRequest::new().when(compares).and_then(ops))
         .await?;
     if !resp.succeeded {
         return Err(ApiError::stale(&def.group, &def.plural, name));
@@ -942,14 +960,16 @@ pub async fn delete(
             if opts.dry_run {
                 return Ok(obj);
             }
+            let mut ops = vec![TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(
+                key.clone(),
+            )))];
+            ops.extend(admission::removed(st, def, &obj));
             let resp = st
                 .store
                 .txn(
                     TxnRequest::new()
-                        .when([Compare::mod_revision_is(key.clone(), rev)])
-                        .and_then([TxnOp::DeleteRange(DeleteRangeRequest::new(KeyRange::key(
-                            key,
-                        )))]),
+                        .when([Compare::mod_revision_is(key, rev)])
+                        .and_then(ops),
                 )
                 .await?;
             if !resp.succeeded {

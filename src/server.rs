@@ -40,6 +40,13 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         ApiConfig {
             server_address: format!("{}:{}", cfg.advertise_address, local.port()),
             event_ttl: cfg.event_ttl,
+            cluster_cidr: cfg.cluster_cidr,
+            service_cidr: cfg.service_cidr,
+            cluster_dns: cfg.cluster_dns,
+            cluster_domain: cfg.cluster_domain.clone(),
+            service_node_port_range: cfg.service_node_port_range,
+            advertise_address: cfg.advertise_address,
+            https_port: local.port(),
         },
     );
     api::load_crds(&st).await?;

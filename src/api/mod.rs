@@ -63,11 +63,24 @@ pub struct User {
 
 /// Settings the API server needs from the server configuration.
 #[derive(Clone, Debug)]
+#[allow(dead_code)] // TEMP(issue 5): fields being wired into allocation, IPAM and endpoints
 pub struct ApiConfig {
     /// `host:port` clients are told to use (discovery's serverAddressByClientCIDRs).
     pub server_address: String,
     /// Events expire this long after they were last written.
     pub event_ttl: Duration,
+    /// Pod network (a /24 per node is carved from it).
+    pub cluster_cidr: crate::config::Cidr,
+    /// ClusterIPs come from here; its first address is the `kubernetes` Service's.
+    pub service_cidr: crate::config::Cidr,
+    /// The cluster DNS Service's address (reserved for it).
+    pub cluster_dns: std::net::IpAddr,
+    pub cluster_domain: String,
+    /// NodePorts, inclusive.
+    pub service_node_port_range: (u16, u16),
+    /// The advertised address of this API server (the `kubernetes` endpoints).
+    pub advertise_address: std::net::IpAddr,
+    pub https_port: u16,
 }
 
 /// Everything a request handler needs.

@@ -4,6 +4,8 @@ CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 # Where `make run` keeps its data (a single-node cluster in the repository's .run/ directory).
 RUN_DIR ?= $(CURDIR)/.run
+# Where cargo puts binaries (CI may point CARGO_TARGET_DIR outside the clone).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
 .PHONY: all deps build run test bench lint fmt clean
 
@@ -17,7 +19,7 @@ build: deps
 
 run: build
 	@mkdir -p $(RUN_DIR)
-	./target/release/k3rs server --data-dir $(RUN_DIR)/data --write-kubeconfig $(RUN_DIR)/kubeconfig.yaml --bind-address 127.0.0.1
+	$(TARGET_DIR)/release/k3rs server --data-dir $(RUN_DIR)/data --write-kubeconfig $(RUN_DIR)/kubeconfig.yaml --bind-address 127.0.0.1
 
 test: deps lint
 	$(CARGO) test --workspace -- --test-threads=2

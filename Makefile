@@ -28,6 +28,7 @@ bench: deps
 	$(CARGO) bench -p k3rs-storage
 	$(CARGO) bench -p k3rs --bench api
 	$(CARGO) bench -p k3rs --bench controllers
+	$(CARGO) bench -p k3rs --bench housekeeping
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -69,6 +69,10 @@ pub struct ServerArgs {
     /// How long events are kept (e.g. 1h, 30m, 90s).
     #[arg(long, env = "K3RS_EVENT_TTL", default_value = "1h")]
     pub event_ttl: String,
+    /// How long a node may go without renewing its Lease (or posting status) before it is
+    /// marked Unknown and tainted unreachable (e.g. 50s, 40s, 1m).
+    #[arg(long, env = "K3RS_NODE_MONITOR_GRACE_PERIOD", default_value = "50s")]
+    pub node_monitor_grace_period: String,
 }
 
 /// The validated server configuration. The network settings are checked now and used by the
@@ -90,6 +94,7 @@ pub struct ServerConfig {
     pub service_node_port_range: (u16, u16),
     pub disable_agent: bool,
     pub event_ttl: std::time::Duration,
+    pub node_monitor_grace_period: std::time::Duration,
 }
 
 /// Parses `1h`, `30m`, `90s`, `1h30m` (and a bare number of seconds).
@@ -239,6 +244,7 @@ fn from_config_file(args: &mut ServerArgs, matches: &ArgMatches, path: &Path) ->
             "cluster_domain" => args.cluster_domain = s()?,
             "service_node_port_range" => args.service_node_port_range = s()?,
             "event_ttl" => args.event_ttl = s()?,
+            "node_monitor_grace_period" => args.node_monitor_grace_period = s()?,
             "disable_agent" => {
                 args.disable_agent = s()?.parse().map_err(|_| bad("expected true or false"))?
             }
@@ -309,6 +315,14 @@ impl ServerArgs {
                     self.event_ttl
                 )
             })?;
+        let node_monitor_grace_period = parse_duration(&self.node_monitor_grace_period)
+            .filter(|d| d.as_secs() > 0)
+            .with_context(|| {
+                format!(
+                    "--node-monitor-grace-period {:?}: expected a duration such as 50s or 1m",
+                    self.node_monitor_grace_period
+                )
+            })?;
         let advertise_address = self.advertise_address.unwrap_or_else(primary_address);
         Ok(ServerConfig {
             data_dir: self.data_dir,
@@ -325,6 +339,7 @@ impl ServerArgs {
             service_node_port_range: (lo, hi),
             disable_agent: self.disable_agent,
             event_ttl,
+            node_monitor_grace_period,
         })
     }
 }
@@ -409,6 +424,10 @@ mod tests {
         assert_eq!(c.service_cidr.nth(1).to_string(), "10.43.0.1");
         assert_eq!(c.service_node_port_range, (30000, 32767));
         assert_eq!(c.write_kubeconfig_mode, 0o600);
+        assert_eq!(
+            c.node_monitor_grace_period,
+            std::time::Duration::from_secs(50)
+        );
         assert!(c
             .serving_sans()
             .contains("kubernetes.default.svc.cluster.local"));

@@ -44,6 +44,10 @@ pub struct HollowArgs {
     /// How long a started pod takes to become Running and Ready.
     #[arg(long, default_value_t = 0)]
     pub startup_delay_ms: u64,
+    /// How often node Leases are renewed (the kubelet's 10 s; tests with a short
+    /// --node-monitor-grace-period use less).
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_renew_interval_ms: u64,
 }
 
 fn now() -> String {
@@ -111,6 +115,8 @@ struct Node {
     name: String,
     index: usize,
     next_ip: Mutex<u32>,
+    /// The node's `spec.podCIDR` (allocated by the server's node IPAM) once seen.
+    pod_cidr: Mutex<Option<crate::config::Cidr>>,
 }
 
 struct Hollow {
@@ -205,11 +211,63 @@ impl Hollow {
         }
     }
 
-    fn pod_ip(&self, n: &Node) -> String {
+    /// Reads the node's podCIDR from the server (once it has one).
+    async fn learn_pod_cidr(&self, n: &Node) -> Option<crate::config::Cidr> {
+        if let Some(c) = *n.pod_cidr.lock() {
+            return Some(c);
+        }
+        let node = self
+            .client
+            .get(&format!("/api/v1/nodes/{}", n.name))
+            .await
+            .ok()?;
+        let c = crate::config::Cidr::parse(node.pointer("/spec/podCIDR")?.as_str()?).ok()?;
+        *n.pod_cidr.lock() = Some(c);
+        Some(c)
+    }
+
+    /// The next pod IP: from the node's podCIDR, or (a server without node IPAM) from
+    /// 10.42.<node index>.0/24.
+    async fn pod_ip(&self, n: &Node) -> String {
+        let cidr = self.learn_pod_cidr(n).await;
         let mut g = n.next_ip.lock();
         *g += 1;
-        let host = *g % 250 + 2;
-        format!("10.42.{}.{host}", n.index % 256)
+        match cidr {
+            Some(c) => {
+                let size = 1u32.checked_shl(32 - u32::from(c.prefix)).unwrap_or(0);
+                // Skip the network address and the first host (the node's bridge).
+                let hosts = size.saturating_sub(3).max(1);
+                c.nth(*g % hosts + 2).to_string()
+            }
+            None => format!("10.42.{}.{}", n.index % 256, *g % 250 + 2),
+        }
+    }
+
+    /// Posts the node's status again when the server no longer has it Ready (the node
+    /// controller marked it Unknown while this process was away or slow), as a kubelet does
+    /// when its status differs from the server's.
+    async fn repost_status_if_needed(&self, n: &Node) -> Result<()> {
+        let node = self
+            .client
+            .get(&format!("/api/v1/nodes/{}", n.name))
+            .await?;
+        let ready = node
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if ready != "True" {
+            let obj = self.node_object(n);
+            self.client
+                .merge_patch(
+                    &format!("/api/v1/nodes/{}/status", n.name),
+                    &json!({"status": obj["status"]}),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     async fn handle_pod(self: &Arc<Self>, pod: Value) {
@@ -271,7 +329,7 @@ impl Hollow {
             return;
         }
         let delay = Duration::from_millis(self.args.startup_delay_ms);
-        let ip = self.pod_ip(n);
+        let ip = self.pod_ip(n).await;
         let host_ip = format!("192.0.2.{}", n.index % 250 + 1);
         let me = self.clone();
         tokio::spawn(async move {
@@ -394,6 +452,7 @@ pub async fn run(args: HollowArgs) -> Result<()> {
                     name: n.clone(),
                     index: i,
                     next_ip: Mutex::new(0),
+                    pod_cidr: Mutex::new(None),
                 },
             )
         })
@@ -417,12 +476,15 @@ pub async fn run(args: HollowArgs) -> Result<()> {
     {
         let h = h.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let every = Duration::from_millis(h.args.lease_renew_interval_ms.max(100));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 for n in h.nodes.values() {
                     if let Err(e) = h.renew_lease(n).await {
                         tracing::warn!(node = %n.name, error = %e, "renewing lease");
+                    } else if let Err(e) = h.repost_status_if_needed(n).await {
+                        tracing::warn!(node = %n.name, error = %e, "posting node status");
                     }
                 }
             }

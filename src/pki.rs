@@ -35,6 +35,36 @@ pub struct Pki {
     pub ca: CertKey,
     pub serving: CertKey,
     pub admin: CertKey,
+    /// The key service account tokens are signed with (`service.key`, PKCS#8 P-256 PEM).
+    pub service_account: SigningKey,
+}
+
+/// A private key in PEM (never printed).
+#[derive(Clone)]
+pub struct SigningKey {
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").finish_non_exhaustive()
+    }
+}
+
+/// The service account signing key under `dir`, generated once (0600).
+fn service_account_key(dir: &Path) -> Result<SigningKey> {
+    let path = dir.join("service.key");
+    match std::fs::read_to_string(&path) {
+        Ok(key_pem) if !key_pem.trim().is_empty() => Ok(SigningKey { key_pem }),
+        Ok(_) => bail!("empty service account key {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let key_pem = key.serialize_pem();
+            write_private(&path, &key_pem)?;
+            Ok(SigningKey { key_pem })
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 fn write_private(path: &Path, content: &str) -> Result<()> {
@@ -264,7 +294,13 @@ impl Pki {
         if ca.cert_pem.trim().is_empty() {
             bail!("empty CA certificate in {}", dir.display());
         }
-        Ok(Pki { ca, serving, admin })
+        let service_account = service_account_key(dir)?;
+        Ok(Pki {
+            ca,
+            serving,
+            admin,
+            service_account,
+        })
     }
 }
 
@@ -293,6 +329,15 @@ mod tests {
         assert_ne!(a.serving.cert_pem, c.serving.cert_pem, "new SAN re-issues");
         assert_eq!(inspect(&c.serving.cert_pem).unwrap().0, sans);
         let mode = std::fs::metadata(dir.path().join("server-ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            a.service_account.key_pem, c.service_account.key_pem,
+            "the service account key is generated once"
+        );
+        let mode = std::fs::metadata(dir.path().join("service.key"))
             .unwrap()
             .permissions()
             .mode();

@@ -47,8 +47,16 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
             service_node_port_range: cfg.service_node_port_range,
             advertise_address: cfg.advertise_address,
             https_port: local.port(),
+            node_monitor_grace_period: cfg.node_monitor_grace_period,
         },
     );
+    let issuer = api::tokens::Issuer::new(
+        &pki.service_account.key_pem,
+        &pki.ca.cert_pem,
+        &st.config.cluster_domain,
+    )
+    .context("loading the service account signing key")?;
+    let _ = st.tokens.set(issuer);
     api::load_crds(&st).await?;
     let tls = api::http::tls_config(&pki)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

@@ -1,5 +1,6 @@
 //! HTTPS serving: rustls with optional client certificates verified against the cluster CA
-//! (CN → user, O → groups), HTTP/1.1 and HTTP/2 (ALPN), one task per connection.
+//! (CN → user, O → groups) or else service account bearer tokens, HTTP/1.1 and HTTP/2 (ALPN),
+//! one task per connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +62,27 @@ pub fn user_from_cert(der: &[u8]) -> Option<User> {
     Some(User { name, groups })
 }
 
+/// The user of a request: its verified client certificate's, else its bearer token's (a
+/// service account token; one that does not verify is a 401, as upstream), else none.
+async fn authenticate<B>(
+    st: &ApiState,
+    cert_user: Option<User>,
+    req: &hyper::Request<B>,
+) -> Result<Option<User>, crate::api::status::ApiError> {
+    if cert_user.is_some() {
+        return Ok(cert_user);
+    }
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::api::tokens::bearer);
+    match token {
+        Some(t) => crate::api::tokens::authenticate(st, t).await.map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Accepts connections until `shutdown` flips.
 pub async fn serve(
     st: Arc<ApiState>,
@@ -104,7 +126,13 @@ pub async fn serve(
             let svc = service_fn(move |req| {
                 let st = st.clone();
                 let user = user.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(st, user, req).await) }
+                async move {
+                    let user = match authenticate(&st, user, &req).await {
+                        Ok(u) => u,
+                        Err(e) => return Ok(crate::api::error_response(&e)),
+                    };
+                    Ok::<_, std::convert::Infallible>(handle(st, user, req).await)
+                }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);

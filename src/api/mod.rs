@@ -11,6 +11,7 @@ pub mod cache;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
+pub mod eviction;
 pub mod http;
 pub mod managed;
 pub mod metrics;
@@ -25,6 +26,7 @@ pub mod resources;
 pub mod selectors;
 pub mod status;
 pub mod table;
+pub mod tokens;
 pub mod validation;
 pub mod watch;
 
@@ -63,7 +65,6 @@ pub struct User {
 
 /// Settings the API server needs from the server configuration.
 #[derive(Clone, Debug)]
-#[allow(dead_code)] // TEMP(issue 5): fields being wired into allocation, IPAM and endpoints
 pub struct ApiConfig {
     /// `host:port` clients are told to use (discovery's serverAddressByClientCIDRs).
     pub server_address: String,
@@ -81,6 +82,9 @@ pub struct ApiConfig {
     /// The advertised address of this API server (the `kubernetes` endpoints).
     pub advertise_address: std::net::IpAddr,
     pub https_port: u16,
+    /// A node whose Lease is not renewed for this long is marked Unknown and tainted
+    /// unreachable (`--node-monitor-grace-period`).
+    pub node_monitor_grace_period: Duration,
 }
 
 /// Everything a request handler needs.
@@ -96,6 +100,8 @@ pub struct ApiState {
     /// upstream's lease manager does, so that events do not cost one lease each).
     event_lease: parking_lot::Mutex<Option<(i64, Instant)>>,
     namespace_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Service account token issuer (set once at start, from the PKI).
+    pub tokens: std::sync::OnceLock<tokens::Issuer>,
 }
 
 impl ApiState {
@@ -117,6 +123,7 @@ impl ApiState {
                 ready: AtomicBool::new(false),
                 event_lease: parking_lot::Mutex::new(None),
                 namespace_tx: tx,
+                tokens: std::sync::OnceLock::new(),
             }),
             rx,
         )
@@ -434,7 +441,17 @@ async fn dispatch(
             }
             Ok(json_response(StatusCode::OK, &st.schemas.v2(), &[]))
         }
-        Route::NotFound => Err(not_found_page()),
+        Route::NotFound => tokens::discovery(st, req.uri().path())
+            .map(|v| json_response(StatusCode::OK, &v, &[]))
+            .ok_or_else(not_found_page),
+        Route::Resource(rp)
+            if (rp.group.as_str(), rp.version.as_str(), rp.plural.as_str())
+                == ("authentication.k8s.io", "v1", "selfsubjectreviews")
+                && req.method() == Method::POST =>
+        {
+            let review = tokens::self_subject_review(&user);
+            Ok(json_response(StatusCode::CREATED, &review, &[]))
+        }
         Route::Resource(rp) => resource(st, &user, rp, q, &accept, req).await,
     }
 }
@@ -634,13 +651,22 @@ async fn resource(
             ))
         }
         (Method::POST, Some(name), Some("eviction")) => {
-            let dopts = DeleteOpts::parse(&q, b"")?;
-            objects::delete(st, &def, nsr, name, &dopts).await?;
+            let ev = if body.iter().all(u8::is_ascii_whitespace) {
+                json!({})
+            } else {
+                decode_body(st, &content_type, &body)?
+            };
+            eviction::evict(st, &def, nsr, name, &ev, &q).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &success_status(None),
                 &[],
             ))
+        }
+        (Method::POST, Some(name), Some("token")) if def.kind == "ServiceAccount" => {
+            let tr = decode_body(st, &content_type, &body)?;
+            let out = tokens::token_request(st, nsr.unwrap_or_default(), name, tr).await?;
+            Ok(json_response(StatusCode::CREATED, &out, &[]))
         }
         (Method::PUT, Some(name), None | Some("status") | Some("finalize")) => {
             let obj = decode_body(st, &content_type, &body)?;
@@ -1088,6 +1114,20 @@ pub async fn bootstrap(st: &Arc<ApiState>) -> anyhow::Result<()> {
             Err(e) => anyhow::bail!("creating namespace {ns}: {e}"),
         }
     }
+    // Their `default` ServiceAccounts before the first pod (the controller keeps them).
+    let sa_def = st
+        .registry
+        .get("", "v1", "serviceaccounts")
+        .expect("builtin");
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let obj =
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}});
+        match objects::create(st, &sa_def, Some(ns), obj, &opts, &user).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => anyhow::bail!("creating service account {ns}/default: {e}"),
+        }
+    }
     // The default StorageClass, as k3s ships one: claims that name no class get it, and their
     // volumes are provisioned on the node of their first pod.
     let sc = st
@@ -1107,5 +1147,9 @@ pub async fn bootstrap(st: &Arc<ApiState>) -> anyhow::Result<()> {
         Err(e) if e.code == 409 => {}
         Err(e) => anyhow::bail!("creating storage class local-path: {e}"),
     }
+    // The `kubernetes` Service (first address of the service CIDR) and its endpoints.
+    admission::services::ensure_kubernetes(st)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the kubernetes Service: {e}"))?;
     Ok(())
 }

@@ -465,7 +465,7 @@ pub async fn create(
     }
     check_namespace(st, def, ns.unwrap_or_default()).await?;
     // A step that reserves something may have to run again from the object as it came.
-    let before_admission = admission::reserves(def).then(|| obj.clone());
+    let before_admission = admission::reserves(st, def, ns).await.then(|| obj.clone());
     let mut extra = admission::create(st, def, ns, &mut obj, user, opts.dry_run).await?;
     finish_new(def, &mut obj, opts);
     let name = meta_str(&obj, "name").to_string();
@@ -495,8 +495,17 @@ pub async fn create(
             stamp(def, &mut obj, resp.revision);
             return Ok((obj, warnings));
         }
-        if let Some(base) = before_admission.as_ref().filter(|_| attempt < 7) {
+        if let Some(base) = before_admission.as_ref() {
             if st.store.get(key.clone()).await?.is_none() {
+                if attempt == 7 {
+                    // What admission reserved (quota, allocations) kept changing under us.
+                    return Err(ApiError::conflict(
+                        &def.group,
+                        &def.plural,
+                        &name,
+                        "the resources this object reserves were changed by concurrent writes; please try again",
+                    ));
+                }
                 obj = base.clone();
                 extra = admission::create(st, def, ns, &mut obj, user, false).await?;
                 finish_new(def, &mut obj, opts);

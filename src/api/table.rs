@@ -870,12 +870,10 @@ fn builtin(group: &str, kind: &str, o: &Value) -> Option<(Vec<Col>, Vec<Value>)>
                     json!(s(o, "/spec/capacity/storage")),
                     json!(access_modes(o.pointer("/spec/accessModes"))),
                     json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
-                    json!(s(o, "/status/phase")),
+                    json!(phase_or_terminating(o)),
                     json!(claim),
                     json!(s(o, "/spec/storageClassName")),
-                    json!(none_if_empty(
-                        s(o, "/spec/volumeAttributesClassName").into()
-                    )),
+                    json!(unset_if_empty(s(o, "/spec/volumeAttributesClassName"))),
                     json!(s(o, "/status/reason")),
                     age,
                     json!(s(o, "/spec/volumeMode")),
@@ -896,14 +894,12 @@ fn builtin(group: &str, kind: &str, o: &Value) -> Option<(Vec<Col>, Vec<Value>)>
             ],
             vec![
                 name,
-                json!(s(o, "/status/phase")),
+                json!(phase_or_terminating(o)),
                 json!(s(o, "/spec/volumeName")),
                 json!(s(o, "/status/capacity/storage")),
                 json!(access_modes(o.pointer("/status/accessModes"))),
                 json!(s(o, "/spec/storageClassName")),
-                json!(none_if_empty(
-                    s(o, "/spec/volumeAttributesClassName").into()
-                )),
+                json!(unset_if_empty(s(o, "/spec/volumeAttributesClassName"))),
                 age,
                 json!(s(o, "/spec/volumeMode")),
             ],
@@ -1088,7 +1084,10 @@ fn builtin(group: &str, kind: &str, o: &Value) -> Option<(Vec<Col>, Vec<Value>)>
                 col("Request", "string", 0),
                 col("Limit", "string", 0),
             ],
-            vec![name, age, json!(""), json!("")],
+            {
+                let (req, lim) = crate::api::admission::quota::table_columns(o);
+                vec![name, age, json!(req), json!(lim)]
+            },
         ),
         ("", "LimitRange") | ("", "PodTemplate") => (
             vec![name_col(), col("Created At", "date", 0)],
@@ -1348,6 +1347,24 @@ pub fn table(
         md["remainingItemCount"] = json!(r);
     }
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": md, "columnDefinitions": cols, "rows": rows})
+}
+
+/// Volumes and claims print `<unset>` without a VolumeAttributesClass, as upstream.
+fn unset_if_empty(v: &str) -> String {
+    if v.is_empty() {
+        "<unset>".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Volumes and claims being deleted print `Terminating` instead of their phase.
+fn phase_or_terminating(o: &Value) -> String {
+    if o.pointer("/metadata/deletionTimestamp").is_some() {
+        "Terminating".into()
+    } else {
+        s(o, "/status/phase").to_string()
+    }
 }
 
 #[cfg(test)]

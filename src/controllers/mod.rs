@@ -7,18 +7,26 @@ pub mod client;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
+pub mod endpoints;
 pub mod events;
 pub mod gc;
 pub mod history;
 pub mod informer;
 pub mod job;
 pub mod leader;
+pub mod nodeipam;
+pub mod nodelifecycle;
 pub mod pods;
 pub mod quantity;
 pub mod queue;
+pub mod quota;
 pub mod replicaset;
 pub mod scheduler;
+pub mod serviceaccounts;
 pub mod statefulset;
+pub mod tainteviction;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -178,6 +186,14 @@ pub fn start(st: Arc<ApiState>) -> Running {
             tasks.extend(cronjob::start(ctx.clone()));
             tasks.extend(statefulset::start(ctx.clone()));
             tasks.extend(daemonset::start(ctx.clone()));
+            tasks.extend(endpoints::start(ctx.clone()));
+            tasks.extend(volumes::start(ctx.clone()));
+            tasks.extend(serviceaccounts::start(ctx.clone()));
+            tasks.extend(nodeipam::start(ctx.clone()));
+            tasks.extend(nodelifecycle::start(ctx.clone()));
+            tasks.extend(tainteviction::start(ctx.clone()));
+            tasks.extend(quota::start(ctx.clone()));
+            tasks.extend(disruption::start(ctx.clone()));
             tasks
         },
     );

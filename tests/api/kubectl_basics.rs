@@ -200,15 +200,24 @@ fn applying_a_manifest_twice_reports_unchanged_and_every_output_format_works() {
         "IfNotPresent"
     );
     assert_eq!(j["metadata"]["generation"], 1);
-    let jp = c.ok(&[
-        "get",
-        "cm",
-        "-n",
-        "demo",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ]);
-    assert_eq!(jp, "cfg");
+    // Every namespace also gets the cluster CA's ConfigMap, as upstream (published shortly
+    // after the namespace appears).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let jp = loop {
+        let jp = c.ok(&[
+            "get",
+            "cm",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ]);
+        if jp != "cfg" || std::time::Instant::now() > deadline {
+            break jp;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(jp, "cfg kube-root-ca.crt");
     let cc = c.ok(&[
         "get",
         "deploy",
@@ -229,7 +238,7 @@ fn applying_a_manifest_twice_reports_unchanged_and_every_output_format_works() {
         c.ok(&["get", "svc,cm", "-n", "demo", "-o", "name"])
             .lines()
             .collect::<Vec<_>>(),
-        vec!["service/web", "configmap/cfg"]
+        vec!["service/web", "configmap/cfg", "configmap/kube-root-ca.crt"]
     );
     let all = c.ok(&["get", "all", "-n", "demo"]);
     assert!(

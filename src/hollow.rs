@@ -237,9 +237,10 @@ impl Hollow {
                 let size = 1u32.checked_shl(32 - u32::from(c.prefix)).unwrap_or(0);
                 // Skip the network address and the first host (the node's bridge).
                 let hosts = size.saturating_sub(3).max(1);
-                c.nth(*g % hosts + 2).to_string()
+                // The first pod gets .2, as on a real node.
+                c.nth((*g - 1) % hosts + 2).to_string()
             }
-            None => format!("10.42.{}.{}", n.index % 256, *g % 250 + 2),
+            None => format!("10.42.{}.{}", n.index % 256, (*g - 1) % 250 + 2),
         }
     }
 

@@ -572,8 +572,13 @@ fn job_selector(obj: &mut Value) {
 
 /// Status fields some kinds start with (after a create reset the rest).
 fn defaults_after_status_reset(def: &ResourceDef, obj: &mut Value) {
-    if let ("", "Pod") = (def.group.as_str(), def.kind.as_str()) {
-        obj["status"] = json!({"phase": "Pending", "qosClass": crate::api::pods::qos_class(obj)});
+    match (def.group.as_str(), def.kind.as_str()) {
+        ("", "Pod") => {
+            obj["status"] =
+                json!({"phase": "Pending", "qosClass": crate::api::pods::qos_class(obj)});
+        }
+        ("", "Service") => obj["status"] = json!({"loadBalancer": {}}),
+        _ => {}
     }
 }
 

@@ -272,8 +272,22 @@ fn resets_status_on_create(def: &ResourceDef) -> bool {
 }
 
 /// Kinds that track `metadata.generation`.
-fn has_generation(obj: &Value) -> bool {
-    obj.get("spec").is_some()
+/// Whether objects of a kind carry `metadata.generation` (the kinds whose upstream strategies
+/// set it: workloads, policies, CRDs and custom resources; not Pods, Services, Nodes, claims…).
+fn has_generation(def: &ResourceDef) -> bool {
+    if def.crd.is_some() {
+        return true;
+    }
+    match (def.group.as_str(), def.kind.as_str()) {
+        ("apps", kind) => kind != "ControllerRevision",
+        ("", "ReplicationController")
+        | ("policy", "PodDisruptionBudget")
+        | ("networking.k8s.io", "Ingress" | "NetworkPolicy")
+        | ("autoscaling", "HorizontalPodAutoscaler")
+        | ("apiextensions.k8s.io", "CustomResourceDefinition") => true,
+        ("batch" | "flowcontrol.apiserver.k8s.io" | "admissionregistration.k8s.io", _) => true,
+        _ => false,
+    }
 }
 
 /// The part of an object that bumps `generation` when it changes.
@@ -530,7 +544,7 @@ fn finish_new(def: &ResourceDef, obj: &mut Value, opts: &WriteOpts) {
         md.insert("uid".into(), json!(new_uid()));
         md.insert("creationTimestamp".into(), json!(now_rfc3339()));
     }
-    if has_generation(obj) {
+    if has_generation(def) {
         meta_mut(obj).insert("generation".into(), json!(1));
     }
     if def.group == "batch" && def.kind == "Job" {
@@ -725,7 +739,7 @@ pub async fn update(
     let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
     merge_update(def, part, &old, &mut obj);
     defaults::apply(&def.group, &def.kind, &mut obj);
-    if has_generation(&obj) && part != Part::Status {
+    if has_generation(def) && part != Part::Status {
         let g = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)

@@ -1511,6 +1511,19 @@ mod tests {
     }
 
     #[test]
+    fn only_workload_and_policy_kinds_carry_a_generation() {
+        let r = crate::api::resources::Registry::new();
+        let kind = |g: &str, v: &str, p: &str| r.get(g, v, p).unwrap();
+        assert!(has_generation(&kind("apps", "v1", "deployments")));
+        assert!(has_generation(&kind("batch", "v1", "jobs")));
+        assert!(has_generation(&kind("policy", "v1", "poddisruptionbudgets")));
+        assert!(!has_generation(&kind("apps", "v1", "controllerrevisions")));
+        assert!(!has_generation(&kind("", "v1", "pods")));
+        assert!(!has_generation(&kind("", "v1", "services")));
+        assert!(!has_generation(&kind("", "v1", "persistentvolumeclaims")));
+    }
+
+    #[test]
     fn uids_are_version_4() {
         let u = new_uid();
         assert_eq!(u.len(), 36);

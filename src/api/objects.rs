@@ -1516,7 +1516,11 @@ mod tests {
         let kind = |g: &str, v: &str, p: &str| r.get(g, v, p).unwrap();
         assert!(has_generation(&kind("apps", "v1", "deployments")));
         assert!(has_generation(&kind("batch", "v1", "jobs")));
-        assert!(has_generation(&kind("policy", "v1", "poddisruptionbudgets")));
+        assert!(has_generation(&kind(
+            "policy",
+            "v1",
+            "poddisruptionbudgets"
+        )));
         assert!(!has_generation(&kind("apps", "v1", "controllerrevisions")));
         assert!(!has_generation(&kind("", "v1", "pods")));
         assert!(!has_generation(&kind("", "v1", "services")));

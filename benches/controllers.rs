@@ -55,6 +55,18 @@ async fn wait_nodes(client: &kube::Client, n: usize) {
     }
 }
 
+/// The next object a watch adds or changes; `None` after 5 s without one (or for other events).
+async fn next_applied<K>(
+    stream: &mut futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
+) -> Option<K> {
+    match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+        Ok(Some(Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)))) => Some(o),
+        Ok(Some(Ok(_))) | Err(_) => None,
+        Ok(Some(Err(e))) => panic!("watch: {e}"),
+        Ok(None) => panic!("watch ended"),
+    }
+}
+
 struct Scheduling {
     /// From creating the ReplicaSet to the last pod bound.
     end_to_end: Duration,
@@ -96,25 +108,20 @@ async fn schedule_replicaset(client: &kube::Client, replicas: usize) -> Scheduli
             Instant::now() < deadline,
             "pods not running within 10 minutes"
         );
-        let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
-            Ok(Some(Ok(ev))) => ev,
-            Ok(Some(Err(e))) => panic!("watch: {e}"),
-            Ok(None) => panic!("watch ended"),
-            Err(_) => continue,
+        let Some(p) = next_applied(&mut stream).await else {
+            continue;
         };
-        if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) = ev {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            if seen.insert(name.clone()) {
-                last_created = Instant::now();
-            }
-            let spec_node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-            if spec_node.is_some() && bound.insert(name.clone()) {
-                first_bound.get_or_insert_with(Instant::now);
-                last_bound = Instant::now();
-            }
-            if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
-                running.insert(name);
-            }
+        let name = p.metadata.name.clone().unwrap_or_default();
+        if seen.insert(name.clone()) {
+            last_created = Instant::now();
+        }
+        let spec_node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+        if spec_node.is_some() && bound.insert(name.clone()) {
+            first_bound.get_or_insert_with(Instant::now);
+            last_bound = Instant::now();
+        }
+        if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+            running.insert(name);
         }
     }
     Scheduling {
@@ -146,20 +153,15 @@ async fn deployment_available(client: &kube::Client, replicas: usize) -> Duratio
             Instant::now() < deadline,
             "deployment not available in 10 minutes"
         );
-        let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
-            Ok(Some(Ok(ev))) => ev,
-            Ok(Some(Err(e))) => panic!("watch: {e}"),
-            Ok(None) => panic!("watch ended"),
-            Err(_) => continue,
+        let Some(d) = next_applied(&mut stream).await else {
+            continue;
         };
-        if let watcher::Event::Apply(d) | watcher::Event::InitApply(d) = ev {
-            let st = d.status.unwrap_or_default();
-            if st.available_replicas == Some(replicas as i32)
-                && st.updated_replicas == Some(replicas as i32)
-                && st.observed_generation == d.metadata.generation
-            {
-                return t0.elapsed();
-            }
+        let st = d.status.unwrap_or_default();
+        if st.available_replicas == Some(replicas as i32)
+            && st.updated_replicas == Some(replicas as i32)
+            && st.observed_generation == d.metadata.generation
+        {
+            return t0.elapsed();
         }
     }
 }
@@ -201,18 +203,13 @@ async fn bind_window(client: &kube::Client, n: usize) -> Duration {
             Instant::now() < deadline,
             "pods not bound within 10 minutes"
         );
-        let ev = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
-            Ok(Some(Ok(ev))) => ev,
-            Ok(Some(Err(e))) => panic!("watch: {e}"),
-            Ok(None) => panic!("watch ended"),
-            Err(_) => continue,
+        let Some(p) = next_applied(&mut stream).await else {
+            continue;
         };
-        if let watcher::Event::Apply(p) | watcher::Event::InitApply(p) = ev {
-            let on_node = p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some();
-            if on_node && bound.insert(p.metadata.name.clone().unwrap_or_default()) {
-                first.get_or_insert_with(Instant::now);
-                last = Instant::now();
-            }
+        let on_node = p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some();
+        if on_node && bound.insert(p.metadata.name.clone().unwrap_or_default()) {
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
         }
     }
     last - first.unwrap_or(last)

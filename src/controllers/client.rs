@@ -99,15 +99,7 @@ impl Client {
         name: &str,
         p: &Value,
     ) -> ApiResult<Value> {
-        objects::guaranteed_update(&self.st, def, ns, name, Part::Main, &self.opts(), |cur| {
-            let mut out = patch::merge_patch(cur, p)?;
-            if let Some(md) = out.get_mut("metadata").and_then(Value::as_object_mut) {
-                md.remove("resourceVersion");
-            }
-            Ok(out)
-        })
-        .await
-        .map(|(o, _)| o)
+        self.merge_patch_part(def, ns, name, Part::Main, p).await
     }
 
     /// Applies a JSON merge patch to the status of the current object.
@@ -123,6 +115,18 @@ impl Client {
         } else {
             Part::Main
         };
+        self.merge_patch_part(def, ns, name, part, p).await
+    }
+
+    /// A JSON merge patch of one part of the current object, retried on conflicts.
+    async fn merge_patch_part(
+        &self,
+        def: &Arc<ResourceDef>,
+        ns: Option<&str>,
+        name: &str,
+        part: Part,
+        p: &Value,
+    ) -> ApiResult<Value> {
         objects::guaranteed_update(&self.st, def, ns, name, part, &self.opts(), |cur| {
             let mut out = patch::merge_patch(cur, p)?;
             if let Some(md) = out.get_mut("metadata").and_then(Value::as_object_mut) {

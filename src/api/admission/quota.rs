@@ -735,13 +735,10 @@ async fn namespace_quotas(st: &ApiState, ns: &str) -> ApiResult<Vec<(Value, i64,
     let Some(qdef) = st.registry.get("", "v1", "resourcequotas") else {
         return Ok(Vec::new());
     };
-    let prefix = qdef.key_prefix(Some(ns));
-    let cache = st.caches.get(&qdef.key_prefix(None));
-    if cache.wait_for(0, Duration::from_secs(5)).await
-        && cache.snapshot(&prefix, None).objects.is_empty()
-    {
+    if !namespace_has_quotas(st, ns).await {
         return Ok(Vec::new());
     }
+    let prefix = qdef.key_prefix(Some(ns));
     // Quotas exist: read them from the store, whose revisions the transaction compares.
     let resp = st
         .store

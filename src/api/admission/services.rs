@@ -667,31 +667,15 @@ pub async fn update(st: &ApiState, ns: &str, old: &Value, svc: &mut Value) -> Ap
     // Values the client left out are the ones held (upstream's patchAllocatedValues).
     if needs_cluster_ip(old) && needs_cluster_ip(svc) {
         let spec = svc["spec"].as_object_mut().expect("object");
-        if spec
-            .get("clusterIP")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty)
-        {
-            if let Some(v) = old.pointer("/spec/clusterIP") {
-                spec.insert("clusterIP".into(), v.clone());
-            }
-        }
-        if spec
-            .get("clusterIPs")
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty)
-        {
-            if let Some(v) = old.pointer("/spec/clusterIPs") {
-                spec.insert("clusterIPs".into(), v.clone());
-            }
-        }
-        if spec
-            .get("ipFamilies")
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty)
-        {
-            if let Some(v) = old.pointer("/spec/ipFamilies") {
-                spec.insert("ipFamilies".into(), v.clone());
+        for field in ["clusterIP", "clusterIPs", "ipFamilies"] {
+            // clusterIP is a string, the others lists; anything else counts as left out.
+            let unset = match spec.get(field) {
+                Some(Value::String(s)) if field == "clusterIP" => s.is_empty(),
+                Some(Value::Array(a)) if field != "clusterIP" => a.is_empty(),
+                _ => true,
+            };
+            if let Some(v) = old["spec"].get(field).filter(|_| unset) {
+                spec.insert(field.into(), v.clone());
             }
         }
     }

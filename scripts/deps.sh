@@ -13,6 +13,17 @@ need make make
 need git git
 need ip iproute2
 need curl curl
+# The node agent: iptables for the pod network, busybox for the test images and probes in
+# tests, a registry and htpasswd for pull tests, runc for the benchmark's comparison.
+need iptables iptables
+need iptables-restore iptables
+need nsenter util-linux
+[ -x /bin/busybox ] || missing="$missing busybox-static"
+need docker-registry docker-registry
+need htpasswd apache2-utils
+need runc runc
+need pkg-config pkg-config
+[ -e /usr/include/seccomp.h ] || missing="$missing libseccomp-dev"
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "deps: cargo is not installed; install a Rust toolchain (https://rustup.rs) first" >&2

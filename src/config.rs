@@ -73,6 +73,44 @@ pub struct ServerArgs {
     /// marked Unknown and tainted unreachable (e.g. 50s, 40s, 1m).
     #[arg(long, env = "K3RS_NODE_MONITOR_GRACE_PERIOD", default_value = "50s")]
     pub node_monitor_grace_period: String,
+    /// Agent: the node's name (default: the hostname).
+    #[arg(long, env = "K3RS_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Agent: the node's InternalIP (default: --advertise-address).
+    #[arg(long, env = "K3RS_NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+    /// Agent: a label to register the node with, key=value (repeatable).
+    #[arg(long = "node-label", env = "K3RS_NODE_LABEL", value_delimiter = ',')]
+    pub node_label: Vec<String>,
+    /// Agent: a taint to register the node with, key=value:Effect (repeatable).
+    #[arg(long = "node-taint", env = "K3RS_NODE_TAINT", value_delimiter = ',')]
+    pub node_taint: Vec<String>,
+    /// Agent: a kubelet setting, name=value: max-pods, system-reserved, kube-reserved,
+    /// eviction-hard, image-gc-high-threshold, image-gc-low-threshold (repeatable).
+    #[arg(long = "kubelet-arg", env = "K3RS_KUBELET_ARG")]
+    pub kubelet_arg: Vec<String>,
+    /// Agent: directory of static pod manifests (default: <data-dir>/agent/pod-manifests).
+    #[arg(long, env = "K3RS_POD_MANIFESTS")]
+    pub pod_manifests: Option<PathBuf>,
+    /// Agent: runtime state (shim sockets, namespaces).
+    #[arg(long, env = "K3RS_RUN_DIR", default_value = "/run/k3rs")]
+    pub run_dir: PathBuf,
+    /// Agent: where container logs are written.
+    #[arg(long, env = "K3RS_POD_LOG_DIR", default_value = "/var/log/pods")]
+    pub pod_log_dir: PathBuf,
+    /// Agent: the cgroup under which pods run.
+    #[arg(long, env = "K3RS_CGROUP_ROOT", default_value = "/k3rs")]
+    pub cgroup_root: String,
+    /// Agent: the pod network's bridge.
+    #[arg(long, env = "K3RS_POD_BRIDGE", default_value = "k3rs0")]
+    pub pod_bridge: String,
+    /// Agent: registries configuration (mirrors, auth, TLS).
+    #[arg(
+        long,
+        env = "K3RS_PRIVATE_REGISTRY",
+        default_value = "/etc/k3rs/registries.yaml"
+    )]
+    pub private_registry: PathBuf,
 }
 
 /// The validated server configuration. The network settings are checked now and used by the
@@ -95,6 +133,17 @@ pub struct ServerConfig {
     pub disable_agent: bool,
     pub event_ttl: std::time::Duration,
     pub node_monitor_grace_period: std::time::Duration,
+    pub node_name: String,
+    pub node_ip: IpAddr,
+    pub node_labels: Vec<(String, String)>,
+    pub node_taints: Vec<(String, String, String)>,
+    pub kubelet_args: Vec<(String, String)>,
+    pub pod_manifests: PathBuf,
+    pub run_dir: PathBuf,
+    pub pod_log_dir: PathBuf,
+    pub cgroup_root: String,
+    pub pod_bridge: String,
+    pub private_registry: PathBuf,
 }
 
 /// Parses `1h`, `30m`, `90s`, `1h30m` (and a bare number of seconds).
@@ -245,6 +294,28 @@ fn from_config_file(args: &mut ServerArgs, matches: &ArgMatches, path: &Path) ->
             "service_node_port_range" => args.service_node_port_range = s()?,
             "event_ttl" => args.event_ttl = s()?,
             "node_monitor_grace_period" => args.node_monitor_grace_period = s()?,
+            "node_name" => args.node_name = Some(s()?),
+            "node_ip" => args.node_ip = Some(s()?.parse().map_err(|_| bad("not an IP address"))?),
+            "node_label" | "node_taint" | "kubelet_arg" => {
+                let list: Vec<String> = match &v {
+                    serde_yaml::Value::Sequence(items) => items
+                        .iter()
+                        .map(|i| yaml_scalar(i).ok_or_else(|| bad("expected strings")))
+                        .collect::<Result<_>>()?,
+                    _ => vec![s()?],
+                };
+                match id.as_str() {
+                    "node_label" => args.node_label = list,
+                    "node_taint" => args.node_taint = list,
+                    _ => args.kubelet_arg = list,
+                }
+            }
+            "pod_manifests" => args.pod_manifests = Some(s()?.into()),
+            "run_dir" => args.run_dir = s()?.into(),
+            "pod_log_dir" => args.pod_log_dir = s()?.into(),
+            "cgroup_root" => args.cgroup_root = s()?,
+            "pod_bridge" => args.pod_bridge = s()?,
+            "private_registry" => args.private_registry = s()?.into(),
             "disable_agent" => {
                 args.disable_agent = s()?.parse().map_err(|_| bad("expected true or false"))?
             }
@@ -324,6 +395,49 @@ impl ServerArgs {
                 )
             })?;
         let advertise_address = self.advertise_address.unwrap_or_else(primary_address);
+        let node_name = self.node_name.clone().unwrap_or_else(hostname);
+        if node_name.is_empty()
+            || node_name.len() > 253
+            || !node_name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        {
+            bail!("--node-name {node_name:?}: must be a lowercase DNS subdomain (letters, digits, '-', '.')");
+        }
+        let node_labels = self
+            .node_label
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("--node-label {l:?}: expected key=value"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let node_taints = self
+            .node_taint
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| parse_taint(t))
+            .collect::<Result<Vec<_>>>()?;
+        let kubelet_args = self
+            .kubelet_arg
+            .iter()
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.trim_start_matches("--")
+                    .split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("--kubelet-arg {a:?}: expected name=value, e.g. max-pods=50"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pod_manifests = self
+            .pod_manifests
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("agent").join("pod-manifests"));
+        if !self.cgroup_root.starts_with('/') {
+            bail!("--cgroup-root {:?}: must start with /", self.cgroup_root);
+        }
         Ok(ServerConfig {
             data_dir: self.data_dir,
             bind_address: self.bind_address,
@@ -340,8 +454,34 @@ impl ServerArgs {
             disable_agent: self.disable_agent,
             event_ttl,
             node_monitor_grace_period,
+            node_name,
+            node_ip: self.node_ip.unwrap_or(advertise_address),
+            node_labels,
+            node_taints,
+            kubelet_args,
+            pod_manifests,
+            run_dir: self.run_dir,
+            pod_log_dir: self.pod_log_dir,
+            cgroup_root: self.cgroup_root,
+            pod_bridge: self.pod_bridge,
+            private_registry: self.private_registry,
         })
     }
+}
+
+/// Parses a taint `key=value:Effect` or `key:Effect` into (key, value, effect).
+pub fn parse_taint(t: &str) -> Result<(String, String, String)> {
+    let (kv, effect) = t
+        .rsplit_once(':')
+        .with_context(|| format!("--node-taint {t:?}: expected key=value:Effect"))?;
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        bail!("--node-taint {t:?}: effect must be NoSchedule, PreferNoSchedule or NoExecute");
+    }
+    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+    if k.is_empty() {
+        bail!("--node-taint {t:?}: empty key");
+    }
+    Ok((k.to_string(), v.to_string(), effect.to_string()))
 }
 
 /// The address the kernel would use to reach the outside world, without sending anything

@@ -1,10 +1,12 @@
 //! The `k3rs` binary: command line and process wiring.
 
+mod agent;
 mod api;
 mod config;
 mod controllers;
 mod cron;
 mod hollow;
+mod images_cli;
 mod kubeconfig;
 mod pki;
 mod rest;
@@ -30,6 +32,15 @@ enum Command {
     /// TEST TOOL: fake nodes for tests and benchmarks (no containers ever run).
     #[command(name = "hollow-nodes")]
     HollowNodes(Box<hollow::HollowArgs>),
+    /// Manage the node's images (list, import, pull, remove, push).
+    Images(Box<images_cli::ImagesArgs>),
+    /// Internal: the per-pod supervisor the agent starts (not for direct use).
+    #[command(hide = true)]
+    Shim {
+        /// The pod's shim directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
     /// Run the installed kubectl with the server's admin kubeconfig.
     Kubectl {
         /// Arguments for kubectl.
@@ -89,6 +100,32 @@ fn spawn_heap_trimmer() {
 }
 
 fn main() {
+    // The shim must stay single-threaded (libcontainer forks): dispatch before anything starts.
+    {
+        let mut args = std::env::args_os().skip(1);
+        if args.next().as_deref() == Some(std::ffi::OsStr::new("shim")) {
+            let rest: Vec<_> = args.collect();
+            if rest.len() == 2 && rest[0] == "--dir" {
+                // Its stderr is the pod's shim.log; libcontainer reports through tracing.
+                let filter = tracing_subscriber::EnvFilter::try_from_env("K3RS_SHIM_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+                // Not fd 2: the containers' stdio is set up on 0-2 in forked children, where
+                // libcontainer still logs.
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(std::path::Path::new(&rest[1]).join("shim.log"));
+                if let Ok(f) = log {
+                    tracing_subscriber::fmt()
+                        .with_env_filter(filter)
+                        .with_ansi(false)
+                        .with_writer(std::sync::Mutex::new(f))
+                        .init();
+                }
+                k3rs_runtime::shim::shim_main(std::path::Path::new(&rest[1]));
+            }
+        }
+    }
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
@@ -112,6 +149,12 @@ fn main() {
             }
         }
         Command::Kubectl { args } => kubectl(args),
+        Command::Images(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(images_cli::run(*args))),
+        Command::Shim { dir } => k3rs_runtime::shim::shim_main(&dir),
         Command::HollowNodes(args) => {
             tune_allocator();
             spawn_heap_trimmer();

@@ -81,6 +81,20 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
         &kubeconfig::render(&url, &pki.ca.cert_pem, &pki.admin),
         cfg.write_kubeconfig_mode,
     )?;
+    // The embedded agent talks to this server over HTTPS with its own node certificate, as a
+    // remote agent would.
+    let _agent = if cfg.disable_agent {
+        None
+    } else {
+        let kubeconfig = crate::agent::write_node_kubeconfig(&cfg, &pki, &url)
+            .context("writing the agent's kubeconfig")?;
+        let acfg = crate::agent::AgentConfig::from_server(&cfg, kubeconfig)?;
+        Some(
+            crate::agent::start(acfg)
+                .await
+                .context("starting the embedded agent")?,
+        )
+    };
     tracing::info!(
         "k3rs server ready at {url} in {:?}; kubeconfig written to {} — use: kubectl --kubeconfig {} get nodes (or KUBECONFIG={})",
         started.elapsed(),

@@ -158,3 +158,16 @@ fn leaf_crates_do_not_depend_on_each_other() {
         assert!(bad.is_empty(), "{name} depends on leaf crate(s) {bad:?}");
     }
 }
+
+#[test]
+fn runtime_and_net_know_nothing_of_the_kubernetes_api() {
+    let g = graph();
+    for leaf in ["k3rs-runtime", "k3rs-net"] {
+        let closure = g.closure(&g.id(leaf));
+        let found: Vec<_> = ["k8s-openapi", "kube", "kube-client", "kube-core"]
+            .iter()
+            .filter(|f| closure.contains(**f))
+            .collect();
+        assert!(found.is_empty(), "{leaf} depends on {found:?}");
+    }
+}

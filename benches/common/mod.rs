@@ -44,6 +44,7 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_k3rs"))
             .args([
                 "server",
+                "--disable-agent",
                 "--config",
                 "/dev/null",
                 "--bind-address",

@@ -735,6 +735,18 @@ pub async fn update(
             return Err(ApiError::stale(&def.group, &def.plural, name));
         }
     }
+    // A uid in the new object is a precondition, as upstream (an update meant for an earlier
+    // object of the same name must not land on its successor).
+    let want_uid = meta_str(&obj, "uid");
+    let have_uid = meta_str(&old, "uid");
+    if !want_uid.is_empty() && want_uid != have_uid {
+        return Err(ApiError::conflict(
+            &def.group,
+            &def.plural,
+            name,
+            &format!("Precondition failed: UID in precondition: {want_uid}, UID in object meta: {have_uid}"),
+        ));
+    }
     meta_mut(&mut obj).insert("name".into(), json!(name));
     let warnings = check_fields(st, def, &mut obj, opts.field_validation)?;
     merge_update(def, part, &old, &mut obj);

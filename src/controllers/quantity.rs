@@ -65,6 +65,17 @@ pub fn parse_milli(s: &str) -> Option<i128> {
     Some(if neg { -v } else { v })
 }
 
+/// A byte quantity (`128Mi`, `1G`, `1000`), rounded up to whole bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let m = parse_milli(s)?;
+    (m >= 0).then(|| ((m + 999) / 1000) as u64)
+}
+
+/// A cpu quantity (`100m`, `1.5`) in millicores.
+pub fn parse_millis(s: &str) -> Option<i128> {
+    parse_milli(s).filter(|m| *m >= 0)
+}
+
 /// A quantity field of an object (string or number) in thousandths.
 pub fn milli_of(v: Option<&Value>) -> i128 {
     match v {

@@ -60,6 +60,7 @@ impl Cluster {
         let child = Command::new(env!("CARGO_BIN_EXE_k3rs"))
             .args([
                 "server",
+                "--disable-agent",
                 "--config",
                 "/dev/null",
                 "--bind-address",

@@ -1,0 +1,842 @@
+//! The shim process: one per pod, single-threaded (libcontainer forks), a poll(2) loop over
+//! its socket, the containers' output pipes and a SIGCHLD self-pipe. It holds the sandbox's
+//! namespaces (bind-mounted files), runs containers through libcontainer, writes their logs,
+//! reaps them as their subreaper, and records exit codes and OOM kills.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use serde_json::{json, Value};
+
+use super::logs::LogWriter;
+use super::{
+    spec, ContainerConfig, ContainerState, ContainerStatus, ExecResult, Request, Response,
+    SandboxConfig, SandboxStatus,
+};
+
+static SIGPIPE_W: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_sigchld(_: libc::c_int) {
+    let fd = SIGPIPE_W.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = [1u8];
+        // SAFETY: write(2) is async-signal-safe; the pipe is non-blocking.
+        unsafe {
+            libc::write(fd, b.as_ptr().cast(), 1);
+        }
+    }
+}
+
+fn log(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{} shim: {msg}", super::now_rfc3339_nanos());
+}
+
+struct Ctr {
+    status: ContainerStatus,
+    pipes: [Option<OwnedFd>; 2],
+    log: LogWriter,
+    bundle: PathBuf,
+    rootfs: PathBuf,
+    oom_before: u64,
+    cgroup: String,
+}
+
+struct Shim {
+    dir: PathBuf,
+    cfg: SandboxConfig,
+    lc_root: PathBuf,
+    ctrs: Vec<Ctr>,
+    /// pid → index into ctrs.
+    pids: HashMap<i32, usize>,
+}
+
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// Every hierarchy's directory for a cgroup path.
+fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    let rel = rel.trim_start_matches('/');
+    if cgroup_v2() {
+        return vec![Path::new("/sys/fs/cgroup").join(rel)];
+    }
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                v.push(e.path().join(rel));
+            }
+        }
+    }
+    v
+}
+
+fn oom_kills(cgroup: &str) -> u64 {
+    let rel = cgroup.trim_start_matches('/');
+    let (file, key) = if cgroup_v2() {
+        (Path::new("/sys/fs/cgroup").join(rel).join("memory.events"), "oom_kill")
+    } else {
+        (
+            Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.oom_control"),
+            "oom_kill",
+        )
+    };
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<u64>().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+fn rmdir_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn umount(p: &Path) {
+    if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+        // SAFETY: unmounting a path of our own; MNT_DETACH never blocks.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created by pipe2.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Creates the pod's namespaces in a short-lived child and pins them with bind mounts.
+fn create_sandbox(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
+    let ns_dir = dir.join("ns");
+    std::fs::create_dir_all(&ns_dir).map_err(|e| e.to_string())?;
+    let mut flags = 0;
+    let mut kinds = Vec::new();
+    if !cfg.host_network {
+        flags |= libc::CLONE_NEWNET | libc::CLONE_NEWUTS;
+        kinds.push("net");
+        kinds.push("uts");
+    }
+    if !cfg.host_ipc {
+        flags |= libc::CLONE_NEWIPC;
+        kinds.push("ipc");
+    }
+    if flags == 0 {
+        return Ok(());
+    }
+    for k in &kinds {
+        let p = ns_dir.join(k);
+        if !p.exists() {
+            std::fs::write(&p, b"").map_err(|e| e.to_string())?;
+        }
+    }
+    let hostname = std::ffi::CString::new(cfg.hostname.clone()).map_err(|e| e.to_string())?;
+    let targets: Vec<(std::ffi::CString, std::ffi::CString)> = kinds
+        .iter()
+        .map(|k| {
+            (
+                std::ffi::CString::new(format!("/proc/self/ns/{k}")).unwrap_or_default(),
+                std::ffi::CString::new(ns_dir.join(k).as_os_str().as_encoded_bytes()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    // SAFETY: the shim is single-threaded; the child only makes raw syscalls and _exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if pid == 0 {
+        // SAFETY: in the forked child: plain syscalls on data prepared before the fork.
+        unsafe {
+            if libc::unshare(flags) != 0 {
+                libc::_exit(1);
+            }
+            if flags & libc::CLONE_NEWUTS != 0 {
+                libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len());
+            }
+            for (src, dst) in &targets {
+                if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+                    libc::_exit(2);
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child we just forked.
+    unsafe {
+        libc::waitpid(pid, &mut status, 0);
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!(
+            "creating the pod's namespaces failed (step {})",
+            libc::WEXITSTATUS(status)
+        ));
+    }
+    Ok(())
+}
+
+fn setup_pod_cgroup(cfg: &SandboxConfig) {
+    for d in cgroup_dirs(&cfg.cgroup_parent) {
+        let _ = std::fs::create_dir_all(&d);
+    }
+    if cgroup_v2() {
+        return;
+    }
+    let rel = cfg.cgroup_parent.trim_start_matches('/');
+    let cpu = Path::new("/sys/fs/cgroup/cpu").join(rel);
+    if let Some(s) = cfg.cpu_shares {
+        let _ = std::fs::write(cpu.join("cpu.shares"), s.to_string());
+    }
+    if let Some(q) = cfg.cpu_quota {
+        let _ = std::fs::write(cpu.join("cpu.cfs_period_us"), "100000");
+        let _ = std::fs::write(cpu.join("cpu.cfs_quota_us"), q.to_string());
+    }
+    if let Some(m) = cfg.memory_limit {
+        let _ = std::fs::write(
+            Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.limit_in_bytes"),
+            m.to_string(),
+        );
+    }
+}
+
+/// Entry point of `k3rs shim --dir <dir>`: never returns.
+pub fn shim_main(dir: &Path) -> ! {
+    let code = match run(dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            log(&format!("fatal: {e}"));
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn run(dir: &Path) -> Result<(), String> {
+    let cfg: SandboxConfig = serde_json::from_slice(
+        &std::fs::read(dir.join("sandbox.json")).map_err(|e| format!("sandbox.json: {e}"))?,
+    )
+    .map_err(|e| format!("sandbox.json: {e}"))?;
+    // Daemonize: the launcher exits at once; we live on in our own session.
+    // SAFETY: still single-threaded; the parent only _exits.
+    match unsafe { libc::fork() } {
+        -1 => return Err(std::io::Error::last_os_error().to_string()),
+        0 => {}
+        _ => unsafe { libc::_exit(0) },
+    }
+    // SAFETY: prctl on ourselves: orphaned container processes are reparented to us.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    std::fs::write(dir.join("shim.pid"), std::process::id().to_string()).map_err(|e| e.to_string())?;
+    create_sandbox(dir, &cfg)?;
+    setup_pod_cgroup(&cfg);
+    let lc_root = dir.join("lc");
+    std::fs::create_dir_all(&lc_root).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| e.to_string())?;
+    let (sig_r, sig_w) = pipe().map_err(|e| e.to_string())?;
+    set_nonblocking(sig_r.as_raw_fd());
+    set_nonblocking(sig_w.as_raw_fd());
+    SIGPIPE_W.store(sig_w.as_raw_fd(), Ordering::Relaxed);
+    // SAFETY: installing an async-signal-safe handler for SIGCHLD.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigchld as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+        libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let sock = dir.join(super::SOCK);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).map_err(|e| format!("binding {}: {e}", sock.display()))?;
+    log(&format!("pod {} sandbox ready", cfg.pod_uid));
+    let mut shim = Shim {
+        dir: dir.to_path_buf(),
+        cfg,
+        lc_root,
+        ctrs: Vec::new(),
+        pids: HashMap::new(),
+    };
+    loop {
+        let mut fds = vec![
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: sig_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        let mut which = Vec::new();
+        for (i, c) in shim.ctrs.iter().enumerate() {
+            for (s, p) in c.pipes.iter().enumerate() {
+                if let Some(p) = p {
+                    fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                    which.push((i, s));
+                }
+            }
+        }
+        // SAFETY: fds is a valid array of pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        if n < 0 {
+            continue;
+        }
+        for (k, (i, s)) in which.iter().enumerate() {
+            if fds[k + 2].revents != 0 {
+                shim.read_pipe(*i, *s);
+            }
+        }
+        if fds[1].revents != 0 {
+            let mut b = [0u8; 64];
+            // SAFETY: reading our own non-blocking pipe.
+            while unsafe { libc::read(sig_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) } > 0 {}
+        }
+        shim.reap();
+        if fds[0].revents != 0 {
+            if let Ok((conn, _)) = listener.accept() {
+                if shim.serve(conn) {
+                    log("shut down");
+                    let _ = std::fs::remove_dir_all(&shim.dir);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+impl Shim {
+    fn read_pipe(&mut self, i: usize, s: usize) {
+        let Some(c) = self.ctrs.get_mut(i) else { return };
+        let Some(fd) = c.pipes[s].as_ref() else { return };
+        let mut buf = [0u8; 65536];
+        for _ in 0..16 {
+            // SAFETY: reading into our buffer from a descriptor we own.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                c.log.feed(s, &buf[..n as usize]);
+                continue;
+            }
+            if n == 0 {
+                c.log.flush(s);
+                c.pipes[s] = None;
+            }
+            break;
+        }
+    }
+
+    fn save(&self) {
+        let list: Vec<&ContainerStatus> = self.ctrs.iter().map(|c| &c.status).collect();
+        if let Ok(b) = serde_json::to_vec(&list) {
+            let tmp = self.dir.join("state.json.tmp");
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(tmp, self.dir.join("state.json"));
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let mut status = 0;
+            // SAFETY: non-blocking wait for any child (we are the containers' subreaper).
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            let Some(i) = self.pids.remove(&pid) else { continue };
+            // Drain what the container wrote before it went.
+            for s in 0..2 {
+                self.read_pipe(i, s);
+            }
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                255
+            };
+            let c = &mut self.ctrs[i];
+            let oom = oom_kills(&c.cgroup) > c.oom_before;
+            c.status.state = ContainerState::Exited;
+            c.status.exit_code = Some(code);
+            c.status.finished_at = Some(super::now_rfc3339_nanos());
+            c.status.reason = Some(
+                if oom {
+                    "OOMKilled"
+                } else if code == 0 {
+                    "Completed"
+                } else {
+                    "Error"
+                }
+                .into(),
+            );
+            log(&format!("container {} ({}) exited with {code}", c.status.name, c.status.id));
+            self.save();
+        }
+    }
+
+    /// Handles one connection; returns true when the shim should exit.
+    fn serve(&mut self, conn: UnixStream) -> bool {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut line = String::new();
+        let mut r = BufReader::new(&conn);
+        if r.read_line(&mut line).is_err() {
+            return false;
+        }
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                reply(&conn, Response::Err(format!("bad request: {e}")));
+                return false;
+            }
+        };
+        let mut exit = false;
+        let resp = match req {
+            Request::Sandbox => {
+                let netns = (!self.cfg.host_network).then(|| self.dir.join("ns").join("net"));
+                Response::Ok(json!(SandboxStatus {
+                    pod_uid: self.cfg.pod_uid.clone(),
+                    netns,
+                    shim_pid: std::process::id() as i32,
+                }))
+            }
+            Request::List => Response::Ok(json!(self
+                .ctrs
+                .iter()
+                .map(|c| &c.status)
+                .collect::<Vec<_>>())),
+            Request::Run { config } => match self.run_container(&config) {
+                Ok(st) => Response::Ok(json!(st)),
+                Err(e) => Response::Err(e),
+            },
+            Request::Kill { name, signal } => match self.kill(&name, signal) {
+                Ok(()) => Response::Ok(Value::Null),
+                Err(e) => Response::Err(e),
+            },
+            Request::Remove { name, attempt } => {
+                self.remove(&name, Some(attempt));
+                Response::Ok(Value::Null)
+            }
+            Request::Exec { name, argv, timeout_ms } => {
+                self.exec(conn, &name, argv, Duration::from_millis(timeout_ms));
+                return false;
+            }
+            Request::Shutdown => {
+                self.shutdown();
+                exit = true;
+                Response::Ok(Value::Null)
+            }
+        };
+        reply(&conn, resp);
+        exit
+    }
+
+    fn latest(&self, name: &str) -> Option<usize> {
+        self.ctrs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.status.name == name)
+            .max_by_key(|(_, c)| c.status.attempt)
+            .map(|(i, _)| i)
+    }
+
+    fn run_container(&mut self, cfg: &ContainerConfig) -> Result<ContainerStatus, String> {
+        if cfg.layers.is_empty() {
+            return Err("the image has no layers".into());
+        }
+        if let Some(i) = self.latest(&cfg.name) {
+            if self.ctrs[i].status.attempt >= cfg.attempt && self.ctrs[i].status.state != ContainerState::Exited {
+                return Ok(self.ctrs[i].status.clone());
+            }
+        }
+        let id = random_id();
+        let bundle = self.cfg.state_dir.join(format!("{}-{}", cfg.name, cfg.attempt));
+        let _ = std::fs::remove_dir_all(&bundle);
+        let rootfs = bundle.join("rootfs");
+        for d in ["upper", "work", "rootfs"] {
+            std::fs::create_dir_all(bundle.join(d)).map_err(|e| e.to_string())?;
+        }
+        let lower: Vec<String> = cfg
+            .layers
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            bundle.join("upper").display(),
+            bundle.join("work").display()
+        );
+        let c_opts = std::ffi::CString::new(opts).map_err(|e| e.to_string())?;
+        let c_target = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: mounting an overlay on our own directory with NUL-terminated arguments.
+        let rc = unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                c_target.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                c_opts.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!("mounting the container's rootfs: {}", std::io::Error::last_os_error()));
+        }
+        let cgroup = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
+        let config = spec::build(cfg, &self.cfg, &self.dir.join("ns"), &rootfs, &cgroup);
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        let now = super::now_rfc3339_nanos();
+        let mut status = ContainerStatus {
+            name: cfg.name.clone(),
+            attempt: cfg.attempt,
+            id: id.clone(),
+            state: ContainerState::Created,
+            pid: None,
+            created_at: now.clone(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            reason: None,
+            message: None,
+            log_path: cfg.log_path.clone(),
+            annotations: cfg.annotations.clone(),
+        };
+        let mut log = LogWriter::open(cfg.log_path.clone());
+        let (out_r, out_w) = pipe().map_err(|e| e.to_string())?;
+        let (err_r, err_w) = pipe().map_err(|e| e.to_string())?;
+        set_nonblocking(out_r.as_raw_fd());
+        set_nonblocking(err_r.as_raw_fd());
+        let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+        let started = (|| -> Result<Container, String> {
+            let mut c = ContainerBuilder::new(id.clone(), SyscallType::default())
+                .with_executor(DefaultExecutor {})
+                .with_root_path(&self.lc_root)
+                .map_err(|e| e.to_string())?
+                .with_stdin(OwnedFd::from(devnull))
+                .with_stdout(out_w)
+                .with_stderr(err_w)
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| e.to_string())?;
+            c.start().map_err(|e| e.to_string())?;
+            Ok(c)
+        })();
+        match started {
+            Ok(c) => {
+                let pid = c.pid().map(|p| p.as_raw());
+                status.state = ContainerState::Running;
+                status.pid = pid;
+                status.started_at = Some(super::now_rfc3339_nanos());
+                let idx = self.ctrs.len();
+                if let Some(p) = pid {
+                    self.pids.insert(p, idx);
+                }
+                self.ctrs.push(Ctr {
+                    status: status.clone(),
+                    pipes: [Some(out_r), Some(err_r)],
+                    log,
+                    bundle,
+                    rootfs,
+                    oom_before: oom_kills(&cgroup),
+                    cgroup,
+                });
+                log_line(&format!("container {} ({id}) started, pid {pid:?}", cfg.name));
+            }
+            Err(e) => {
+                // Whatever the init wrote (e.g. exec errors) goes to the log too.
+                let mut buf = [0u8; 8192];
+                for fd in [&out_r, &err_r] {
+                    // SAFETY: reading from our own non-blocking pipe.
+                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if n > 0 {
+                        log.feed(1, &buf[..n as usize]);
+                    }
+                }
+                log.flush(1);
+                if let Ok(mut c) = Container::load(self.lc_root.join(&id)) {
+                    let _ = c.delete(true);
+                }
+                umount(&rootfs);
+                let _ = std::fs::remove_dir_all(&bundle);
+                status.state = ContainerState::Exited;
+                status.exit_code = Some(128);
+                status.reason = Some("StartError".into());
+                status.message = Some(e.clone());
+                status.started_at = Some(super::now_rfc3339_nanos());
+                status.finished_at = status.started_at.clone();
+                self.ctrs.push(Ctr {
+                    status: status.clone(),
+                    pipes: [None, None],
+                    log,
+                    bundle: PathBuf::new(),
+                    rootfs: PathBuf::new(),
+                    oom_before: 0,
+                    cgroup,
+                });
+                log_line(&format!("container {} failed to start: {e}", cfg.name));
+            }
+        }
+        self.save();
+        Ok(status)
+    }
+
+    fn container_pids(&self, i: usize) -> Vec<i32> {
+        let c = &self.ctrs[i];
+        let mut v: Vec<i32> = Vec::new();
+        for d in cgroup_dirs(&c.cgroup) {
+            if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                v.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn kill(&mut self, name: &str, signal: i32) -> Result<(), String> {
+        let i = self.latest(name).ok_or_else(|| format!("no container {name:?}"))?;
+        if self.ctrs[i].status.state != ContainerState::Running {
+            return Ok(());
+        }
+        if signal == libc::SIGKILL {
+            for p in self.container_pids(i) {
+                // SAFETY: kill(2) on processes in this container's cgroup.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+        }
+        if let Some(pid) = self.ctrs[i].status.pid {
+            // SAFETY: kill(2) on the container's init process, which we reap.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_at(&mut self, i: usize) {
+        let c = &self.ctrs[i];
+        if let Ok(mut lc) = Container::load(self.lc_root.join(&c.status.id)) {
+            if let Err(e) = lc.delete(true) {
+                log_line(&format!("deleting container {}: {e}", c.status.id));
+            }
+        }
+        if !c.rootfs.as_os_str().is_empty() {
+            umount(&c.rootfs);
+        }
+        if !c.bundle.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&c.bundle);
+        }
+        for d in cgroup_dirs(&c.cgroup) {
+            rmdir_tree(&d);
+        }
+    }
+
+    fn remove(&mut self, name: &str, attempt: Option<u32>) {
+        let idx: Vec<usize> = self
+            .ctrs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.status.name == name && attempt.is_none_or(|a| c.status.attempt == a))
+            .filter(|(_, c)| c.status.state != ContainerState::Running)
+            .map(|(i, _)| i)
+            .collect();
+        for i in idx.iter().rev() {
+            self.delete_at(*i);
+            self.ctrs.remove(*i);
+        }
+        self.pids = self
+            .ctrs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.status.state == ContainerState::Running)
+            .filter_map(|(i, c)| c.status.pid.map(|p| (p, i)))
+            .collect();
+        self.save();
+    }
+
+    fn shutdown(&mut self) {
+        for i in 0..self.ctrs.len() {
+            if self.ctrs[i].status.state == ContainerState::Running {
+                let _ = self.kill(&self.ctrs[i].status.name.clone(), libc::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.ctrs.iter().any(|c| c.status.state == ContainerState::Running) && Instant::now() < deadline {
+            self.reap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for i in 0..self.ctrs.len() {
+            for s in 0..2 {
+                self.read_pipe(i, s);
+                self.ctrs[i].log.flush(s);
+            }
+            self.delete_at(i);
+        }
+        self.ctrs.clear();
+        for k in ["net", "ipc", "uts"] {
+            umount(&self.dir.join("ns").join(k));
+        }
+        for d in cgroup_dirs(&self.cfg.cgroup_parent) {
+            rmdir_tree(&d);
+        }
+        let _ = std::fs::remove_dir_all(&self.cfg.state_dir);
+    }
+
+    /// Runs a command in a running container; a forked child does the work and answers, so
+    /// the loop keeps serving.
+    fn exec(&mut self, conn: UnixStream, name: &str, argv: Vec<String>, timeout: Duration) {
+        let Some(i) = self.latest(name).filter(|i| self.ctrs[*i].status.state == ContainerState::Running) else {
+            reply(&conn, Response::Err(format!("container {name:?} is not running")));
+            return;
+        };
+        let id = self.ctrs[i].status.id.clone();
+        let lc_root = self.lc_root.clone();
+        // SAFETY: single-threaded; the child answers on `conn` and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid != 0 {
+            return; // parent (or fork failure: the client times out)
+        }
+        // SAFETY: in the child; subreaper so the exec'd process is ours to wait for.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        }
+        let result = exec_in(&lc_root, &id, argv, timeout);
+        reply(
+            &conn,
+            match result {
+                Ok(r) => Response::Ok(json!(r)),
+                Err(e) => Response::Err(e),
+            },
+        );
+        // SAFETY: leaving the forked child without running the parent's destructors.
+        unsafe { libc::_exit(0) }
+    }
+}
+
+fn log_line(s: &str) {
+    log(s)
+}
+
+fn exec_in(lc_root: &Path, id: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecResult, String> {
+    let (out_r, out_w) = pipe().map_err(|e| e.to_string())?;
+    let (err_r, err_w) = pipe().map_err(|e| e.to_string())?;
+    set_nonblocking(out_r.as_raw_fd());
+    set_nonblocking(err_r.as_raw_fd());
+    let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+    let exec_id = format!("exec-{}", &random_id()[..16]);
+    let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(DefaultExecutor {})
+        .with_root_path(lc_root)
+        .map_err(|e| e.to_string())?
+        .with_stdin(OwnedFd::from(devnull))
+        .with_stdout(out_w)
+        .with_stderr(err_w)
+        .as_tenant()
+        .with_container_args(argv)
+        .with_detach(true)
+        .build()
+        .map_err(|e| format!("exec {exec_id}: {e}"))?
+        .as_raw();
+    let deadline = Instant::now() + timeout;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let cap = 1 << 20;
+    let mut code = None;
+    let mut timed_out = false;
+    loop {
+        for (fd, buf) in [(&out_r, &mut out), (&err_r, &mut err)] {
+            let mut b = [0u8; 16384];
+            loop {
+                // SAFETY: reading from our own non-blocking pipe.
+                let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+                if n <= 0 {
+                    break;
+                }
+                if buf.len() < cap {
+                    buf.extend_from_slice(&b[..n as usize]);
+                }
+            }
+        }
+        if code.is_some() {
+            break;
+        }
+        let mut status = 0;
+        // SAFETY: non-blocking wait for the exec'd process (reparented to us).
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            code = Some(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                128 + libc::WTERMSIG(status)
+            });
+            continue; // one more drain
+        }
+        if r < 0 {
+            // Not our child after all (should not happen): treat as gone.
+            code = Some(255);
+            continue;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: killing the process we started.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            timed_out = true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Reap any other leftovers.
+    // SAFETY: non-blocking reaping of our own children.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+    Ok(ExecResult {
+        exit_code: code.unwrap_or(255),
+        stdout: out,
+        stderr: err,
+        timed_out,
+    })
+}
+
+fn reply(conn: &UnixStream, resp: Response) {
+    let mut w = conn;
+    if let Ok(b) = serde_json::to_vec(&resp) {
+        let _ = w.write_all(&b);
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+}

@@ -1,0 +1,291 @@
+//! The OCI runtime configuration (`config.json`) of one container, built from the plain
+//! `ContainerConfig` and the pod sandbox's namespaces.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::{ContainerConfig, SandboxConfig};
+
+/// containerd's default capability set.
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability (privileged containers).
+pub const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The capability set after add/drop (`ALL` in either list as upstream).
+pub fn capabilities(cfg: &ContainerConfig) -> Vec<String> {
+    if cfg.privileged {
+        return ALL_CAPS.iter().map(|s| s.to_string()).collect();
+    }
+    let mut caps: Vec<String> = if cfg.cap_add.iter().any(|c| c == "ALL") {
+        ALL_CAPS.iter().map(|s| s.to_string()).collect()
+    } else {
+        DEFAULT_CAPS.iter().map(|s| s.to_string()).collect()
+    };
+    if cfg.cap_drop.iter().any(|c| c == "ALL") {
+        caps.clear();
+    }
+    for c in &cfg.cap_add {
+        if c != "ALL" && !caps.contains(c) && ALL_CAPS.contains(&c.as_str()) {
+            caps.push(c.clone());
+        }
+    }
+    caps.retain(|c| !cfg.cap_drop.contains(c));
+    caps
+}
+
+/// Resolves the image's `USER` (`name`, `uid`, `uid:gid`, `name:group`) against the rootfs.
+pub fn resolve_user(rootfs: &Path, user: &str) -> (u32, u32) {
+    if user.is_empty() {
+        return (0, 0);
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let mut uid = 0;
+    let mut gid = 0;
+    match u.parse::<u32>() {
+        Ok(n) => {
+            uid = n;
+            if let Some(l) = passwd.lines().find(|l| l.split(':').nth(2) == Some(u)) {
+                gid = l.split(':').nth(3).and_then(|x| x.parse().ok()).unwrap_or(0);
+            }
+        }
+        Err(_) => {
+            if let Some(l) = passwd.lines().find(|l| l.split(':').next() == Some(u)) {
+                uid = l.split(':').nth(2).and_then(|x| x.parse().ok()).unwrap_or(0);
+                gid = l.split(':').nth(3).and_then(|x| x.parse().ok()).unwrap_or(0);
+            }
+        }
+    }
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group
+                .lines()
+                .find(|l| l.split(':').next() == Some(g))
+                .and_then(|l| l.split(':').nth(2))
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0),
+        };
+    }
+    (uid, gid)
+}
+
+/// Builds config.json for a container of the sandbox.
+pub fn build(
+    cfg: &ContainerConfig,
+    sandbox: &SandboxConfig,
+    ns_dir: &Path,
+    rootfs: &Path,
+    cgroups_path: &str,
+) -> Value {
+    let (img_uid, img_gid) = resolve_user(rootfs, &cfg.image_user);
+    let uid = cfg.uid.unwrap_or(img_uid);
+    let gid = cfg.gid.unwrap_or(if cfg.uid.is_some() && cfg.image_user.is_empty() { 0 } else { img_gid });
+    let caps = capabilities(cfg);
+    // The shim's own hard limit (raising it needs more than this machine may grant).
+    let nofile = {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit fills the struct we own.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+        r.rlim_max.min(1 << 20)
+    };
+    let mut env = cfg.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(
+            0,
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        );
+    }
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    ];
+    for m in &cfg.mounts {
+        let mut opts = vec!["rbind", "rprivate"];
+        if m.read_only {
+            opts.push("ro");
+        }
+        mounts.push(json!({
+            "destination": m.destination,
+            "type": "bind",
+            "source": m.source,
+            "options": opts,
+        }));
+    }
+    let mut namespaces = vec![json!({"type": "mount"})];
+    if !sandbox.host_pid {
+        namespaces.push(json!({"type": "pid"}));
+    }
+    if !sandbox.host_network {
+        namespaces.push(json!({"type": "network", "path": ns_dir.join("net")}));
+    }
+    if !sandbox.host_ipc {
+        namespaces.push(json!({"type": "ipc", "path": ns_dir.join("ipc")}));
+    }
+    if !sandbox.host_network {
+        namespaces.push(json!({"type": "uts", "path": ns_dir.join("uts")}));
+    }
+    let mut cpu = json!({"shares": cfg.cpu_shares.max(2), "period": cfg.cpu_period});
+    if let Some(q) = cfg.cpu_quota {
+        cpu["quota"] = json!(q);
+    }
+    let mut resources = json!({
+        "cpu": cpu,
+        "devices": [{"allow": false, "access": "rwm"}],
+    });
+    if let Some(m) = cfg.memory_limit {
+        resources["memory"] = json!({"limit": m});
+    }
+    if cfg.privileged {
+        resources["devices"] = json!([{"allow": true, "access": "rwm"}]);
+    } else {
+        // The standard character devices.
+        resources["devices"] = json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 7, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 8, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 9, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 5, "minor": 0, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 5, "minor": 1, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 5, "minor": 2, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 136, "access": "rwm"},
+        ]);
+    }
+    let mut linux = json!({
+        "namespaces": namespaces,
+        "cgroupsPath": cgroups_path,
+        "resources": resources,
+    });
+    if !cfg.privileged {
+        linux["maskedPaths"] = json!([
+            "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+            "/sys/firmware", "/sys/devices/virtual/powercap",
+        ]);
+        linux["readonlyPaths"] = json!([
+            "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+        ]);
+    }
+    let mut additional: Vec<u32> = cfg.supplemental_gids.clone();
+    additional.sort();
+    additional.dedup();
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": cfg.tty,
+            "user": {"uid": uid, "gid": gid, "additionalGids": additional},
+            "args": cfg.args,
+            "env": env,
+            "cwd": if cfg.cwd.is_empty() { "/" } else { cfg.cwd.as_str() },
+            "capabilities": {
+                "bounding": caps, "effective": caps, "permitted": caps,
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": cfg.no_new_privs,
+        },
+        "root": {"path": rootfs, "readonly": cfg.read_only_rootfs},
+        "mounts": mounts,
+        "annotations": cfg.annotations,
+        "linux": linux,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ContainerConfig {
+        ContainerConfig {
+            name: "c".into(),
+            attempt: 0,
+            layers: vec![],
+            args: vec!["sh".into()],
+            env: vec![],
+            cwd: String::new(),
+            uid: None,
+            gid: None,
+            image_user: String::new(),
+            supplemental_gids: vec![],
+            mounts: vec![],
+            privileged: false,
+            cap_add: vec![],
+            cap_drop: vec![],
+            no_new_privs: false,
+            read_only_rootfs: false,
+            seccomp_default: false,
+            cpu_shares: 2,
+            cpu_quota: None,
+            cpu_period: 100_000,
+            memory_limit: None,
+            stdin: false,
+            tty: false,
+            log_path: Default::default(),
+            annotations: Default::default(),
+        }
+    }
+
+    #[test]
+    fn capabilities_follow_add_and_drop() {
+        let mut c = cfg();
+        c.cap_add = vec!["CAP_NET_ADMIN".into()];
+        c.cap_drop = vec!["CAP_KILL".into()];
+        let caps = capabilities(&c);
+        assert!(caps.contains(&"CAP_NET_ADMIN".to_string()));
+        assert!(!caps.contains(&"CAP_KILL".to_string()));
+        c.cap_drop = vec!["ALL".into()];
+        c.cap_add = vec!["CAP_CHOWN".into()];
+        assert_eq!(capabilities(&c), ["CAP_CHOWN"]);
+        c.privileged = true;
+        assert_eq!(capabilities(&c).len(), ALL_CAPS.len());
+    }
+
+    #[test]
+    fn image_users_resolve_against_the_rootfs() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::write(d.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n").unwrap();
+        std::fs::write(d.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(d.path(), "web"), (1000, 1001));
+        assert_eq!(resolve_user(d.path(), "1000"), (1000, 1001));
+        assert_eq!(resolve_user(d.path(), "web:staff"), (1000, 50));
+        assert_eq!(resolve_user(d.path(), "7:8"), (7, 8));
+        assert_eq!(resolve_user(d.path(), ""), (0, 0));
+    }
+}

@@ -18,7 +18,8 @@ build: deps
 	$(CARGO) build --release --bin k3rs
 
 run: build
-	@mkdir -p $(RUN_DIR)
+	@mkdir -p $(RUN_DIR)/data/agent/images
+	@./scripts/build-test-images.sh $(RUN_DIR)/data/agent/images
 	$(TARGET_DIR)/release/k3rs server --data-dir $(RUN_DIR)/data --write-kubeconfig $(RUN_DIR)/kubeconfig.yaml --bind-address 127.0.0.1
 
 test: deps lint
@@ -29,6 +30,7 @@ bench: deps
 	$(CARGO) bench -p k3rs --bench api
 	$(CARGO) bench -p k3rs --bench controllers
 	$(CARGO) bench -p k3rs --bench housekeeping
+	$(CARGO) bench -p k3rs --bench node
 
 lint: deps
 	$(CARGO) fmt --all -- --check

@@ -101,7 +101,13 @@ fn shim_memory(n: &node::Node) -> (u64, u64, usize) {
     for p in &pids {
         let s = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).unwrap_or_default();
         for l in s.lines() {
-            let kb = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+            let kb = |l: &str| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024
+            };
             if l.starts_with("Rss:") {
                 rss += kb(l);
             } else if l.starts_with("Pss:") {
@@ -116,7 +122,9 @@ fn server_pid(n: &node::Node) -> u32 {
     // The server is the only k3rs process listening in the namespace; find it by its data dir.
     let want = n.data_dir().to_string_lossy().to_string();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(" server ") && cmd.contains(&want) {
@@ -126,14 +134,144 @@ fn server_pid(n: &node::Node) -> u32 {
     0
 }
 
+/// Container create+start+wait+delete through the shim against `runc run` of the same rootfs,
+/// in the same run (N times each). Returns (ours per container, runc per container).
+fn container_vs_runc(n: usize) -> Option<(Duration, Duration)> {
+    use k3rs_runtime::images::ImageStore;
+    use k3rs_runtime::shim::{ContainerConfig, ContainerState, SandboxConfig, ShimClient};
+    let dir = tempfile::tempdir().ok()?;
+    let store = ImageStore::open(&dir.path().join("content")).ok()?;
+    let imgs = store
+        .import_archive(&node::test_images().join("busybox.tar"))
+        .ok()?;
+    let layers = store.layer_dirs(&imgs[0]).ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let cg = format!("/k3rs-bench-{}", std::process::id());
+    let ours = rt.block_on(async {
+        let sb = SandboxConfig {
+            pod_uid: "bench".into(),
+            hostname: "bench".into(),
+            cgroup_parent: format!("{cg}/podbench"),
+            state_dir: dir.path().join("state"),
+            ..Default::default()
+        };
+        let shim = ShimClient::start(
+            std::path::Path::new(env!("CARGO_BIN_EXE_k3rs")),
+            &dir.path().join("shim"),
+            &sb,
+        )
+        .await
+        .ok()?;
+        let t = Instant::now();
+        for i in 0..n {
+            let cfg = ContainerConfig {
+                name: "c".into(),
+                attempt: i as u32,
+                layers: layers.clone(),
+                args: vec!["true".into()],
+                env: vec![],
+                cwd: "/".into(),
+                uid: None,
+                gid: None,
+                image_user: String::new(),
+                supplemental_gids: vec![],
+                mounts: vec![],
+                privileged: false,
+                cap_add: vec![],
+                cap_drop: vec![],
+                no_new_privs: false,
+                read_only_rootfs: false,
+                seccomp_default: false,
+                cpu_shares: 2,
+                cpu_quota: None,
+                cpu_period: 100_000,
+                memory_limit: None,
+                stdin: false,
+                tty: false,
+                log_path: dir.path().join(format!("logs/{i}.log")),
+                annotations: Default::default(),
+            };
+            shim.run_container(&cfg).await.ok()?;
+            loop {
+                let l = shim.list().await.ok()?;
+                if l.iter()
+                    .any(|c| c.attempt == i as u32 && c.state == ContainerState::Exited)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            shim.remove_container("c", i as u32).await.ok()?;
+        }
+        let d = t.elapsed() / n as u32;
+        let _ = shim.shutdown().await;
+        Some(d)
+    })?;
+    // runc on the same unpacked layer as a read-only rootfs.
+    let bundle = dir.path().join("runc");
+    std::fs::create_dir_all(&bundle).ok()?;
+    let out = std::process::Command::new("runc")
+        .arg("spec")
+        .current_dir(&bundle)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["process"]["args"] = serde_json::json!(["true"]);
+    spec["root"] = serde_json::json!({"path": layers[0], "readonly": true});
+    spec["linux"]["cgroupsPath"] = serde_json::json!(format!("{cg}/runc"));
+    spec["process"].as_object_mut()?.remove("rlimits");
+    std::fs::write(bundle.join("config.json"), serde_json::to_vec(&spec).ok()?).ok()?;
+    let t = Instant::now();
+    for i in 0..n {
+        let st = std::process::Command::new("runc")
+            .args(["--root"])
+            .arg(dir.path().join("runc-state"))
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(format!("bench-{i}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        if !st.success() {
+            return None;
+        }
+    }
+    let runc = t.elapsed() / n as u32;
+    for d in [
+        "cpu", "memory", "pids", "cpuset", "cpuacct", "devices", "freezer", "blkio", "unified",
+        "systemd",
+    ] {
+        let p = std::path::Path::new("/sys/fs/cgroup")
+            .join(d)
+            .join(cg.trim_start_matches('/'));
+        let _ = std::fs::remove_dir(p.join("runc"));
+        let _ = std::fs::remove_dir(p.join("podbench"));
+        let _ = std::fs::remove_dir(p);
+    }
+    Some((ours, runc))
+}
+
 fn main() {
     let quick = quick();
+    let versus = container_vs_runc(if quick { 5 } else { 20 });
     let n = node::Node::start();
     // Enter the node's network namespace before any thread starts, so the client reaches the
     // server on its loopback.
     let f = std::fs::File::open(format!("/run/netns/{}", n.ns)).unwrap();
     // SAFETY: setns on the only thread of this process, with a namespace file we opened.
-    assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+    assert_eq!(
+        unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
+        0
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -143,7 +281,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_of(pid);
     let kubeconfig = n.kubeconfig();
-    let (one, burst, burst_n, burst_time, shim) = rt.block_on(async move {
+    let (one, burst, burst_n, burst_time) = rt.block_on(async move {
         let cfg = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
             &Default::default(),
@@ -167,9 +305,8 @@ fn main() {
         let t = Instant::now();
         let burst = start_pods(&api, &names).await;
         let burst_time = t.elapsed();
-        (one, burst, burst_n, burst_time, ())
+        (one, burst, burst_n, burst_time)
     });
-    let _ = shim;
     let (shim_rss, shim_pss, shims) = shim_memory(&n);
     let loaded_rss = rss_of(pid);
     rt.block_on(async {
@@ -191,15 +328,37 @@ fn main() {
         one.len(),
         ms(pct(&mut one, 0.5))
     );
-    println!("| pod startup, one at a time, p99 | {} | ≤ 400 ms |", ms(pct(&mut one, 0.99)));
+    println!(
+        "| pod startup, one at a time, p99 | {} | ≤ 400 ms |",
+        ms(pct(&mut one, 0.99))
+    );
     println!(
         "| {burst_n} pods at once: all Running in | {:.2} s ({:.1} pods/s) | ≥ 30 pods/s |",
         burst_time.as_secs_f64(),
         burst_n as f64 / burst_time.as_secs_f64()
     );
-    println!("| {burst_n} pods at once: p50 / p99 startup | {} / {} | |", ms(pct(&mut burst, 0.5)), ms(pct(&mut burst, 0.99)));
-    println!("| server + agent idle RSS (no pods) | {} | ≤ 64 MB |", mib(idle_rss));
-    println!("| server + agent RSS with {shims} pods | {} | |", mib(loaded_rss));
+    println!(
+        "| {burst_n} pods at once: p50 / p99 startup | {} / {} | |",
+        ms(pct(&mut burst, 0.5)),
+        ms(pct(&mut burst, 0.99))
+    );
+    println!(
+        "| server + agent idle RSS (no pods) | {} | ≤ 64 MB |",
+        mib(idle_rss)
+    );
+    println!(
+        "| server + agent RSS with {shims} pods | {} | |",
+        mib(loaded_rss)
+    );
+    match versus {
+        Some((ours, runc)) => println!(
+            "| container create+start+wait+delete: k3rs shim / `runc run` | {} / {} (ratio {:.2}) | ratio ≤ 0.5 |",
+            ms(ours),
+            ms(runc),
+            ours.as_secs_f64() / runc.as_secs_f64()
+        ),
+        None => println!("| container create+start+delete vs runc | not measured (runc missing or failed) | |"),
+    }
     if shims > 0 {
         println!(
             "| shim memory per pod: RSS / PSS | {} / {} | ≤ 2 MB |",

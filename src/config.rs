@@ -428,7 +428,9 @@ impl ServerArgs {
                 a.trim_start_matches("--")
                     .split_once('=')
                     .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .with_context(|| format!("--kubelet-arg {a:?}: expected name=value, e.g. max-pods=50"))
+                    .with_context(|| {
+                        format!("--kubelet-arg {a:?}: expected name=value, e.g. max-pods=50")
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let pod_manifests = self

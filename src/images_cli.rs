@@ -10,7 +10,13 @@ use k3rs_runtime::images::{ImageStore, PullAuth, Registries};
 #[derive(Debug, Args)]
 pub struct ImagesArgs {
     /// The node's data directory.
-    #[arg(long, short = 'd', env = "K3RS_DATA_DIR", default_value = "/var/lib/k3rs", global = true)]
+    #[arg(
+        long,
+        short = 'd',
+        env = "K3RS_DATA_DIR",
+        default_value = "/var/lib/k3rs",
+        global = true
+    )]
     pub data_dir: PathBuf,
     /// Registries configuration (mirrors, auth, TLS).
     #[arg(
@@ -99,7 +105,11 @@ pub async fn run(args: ImagesArgs) -> Result<()> {
             }
             println!("{:<60} {:<20} {:>10}", "IMAGE", "IMAGE ID", "SIZE");
             for i in list {
-                let id: String = i.id.trim_start_matches("sha256:").chars().take(12).collect();
+                let id: String =
+                    i.id.trim_start_matches("sha256:")
+                        .chars()
+                        .take(12)
+                        .collect();
                 let names = if i.names.is_empty() {
                     vec!["<none>".to_string()]
                 } else {

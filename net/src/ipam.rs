@@ -71,7 +71,11 @@ impl Ipam {
             let cand = first + (hint - first + k) % span;
             let ip = Ipv4Addr::from(cand);
             let p = self.dir.join(ip.to_string());
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+            {
                 Ok(mut f) => {
                     f.write_all(id.as_bytes()).map_err(io(p.display()))?;
                     f.sync_all().ok();

@@ -35,14 +35,34 @@ pub struct HostPortMapping {
 
 /// Jumps from the built-in chains into ours: (table, chain, rule spec).
 pub const JUMPS: &[(&str, &str, &str)] = &[
-    ("filter", "FORWARD", "-m comment --comment \"k3rs pod traffic\" -j K3RS-FORWARD"),
-    ("nat", "POSTROUTING", "-m comment --comment \"k3rs masquerade\" -j K3RS-POSTROUTING"),
-    ("nat", "PREROUTING", "-m comment --comment \"k3rs hostports\" -m addrtype --dst-type LOCAL -j K3RS-HOSTPORTS"),
-    ("nat", "OUTPUT", "-m comment --comment \"k3rs hostports\" -m addrtype --dst-type LOCAL -j K3RS-HOSTPORTS"),
+    (
+        "filter",
+        "FORWARD",
+        "-m comment --comment \"k3rs pod traffic\" -j K3RS-FORWARD",
+    ),
+    (
+        "nat",
+        "POSTROUTING",
+        "-m comment --comment \"k3rs masquerade\" -j K3RS-POSTROUTING",
+    ),
+    (
+        "nat",
+        "PREROUTING",
+        "-m comment --comment \"k3rs hostports\" -m addrtype --dst-type LOCAL -j K3RS-HOSTPORTS",
+    ),
+    (
+        "nat",
+        "OUTPUT",
+        "-m comment --comment \"k3rs hostports\" -m addrtype --dst-type LOCAL -j K3RS-HOSTPORTS",
+    ),
 ];
 
 /// The content of k3rs's chains.
-pub fn rules(cluster: ipnet::Ipv4Net, pod_cidr: ipnet::Ipv4Net, host_ports: &[HostPortMapping]) -> String {
+pub fn rules(
+    cluster: ipnet::Ipv4Net,
+    pod_cidr: ipnet::Ipv4Net,
+    host_ports: &[HostPortMapping],
+) -> String {
     let mut s = String::new();
     s.push_str("*filter\n:K3RS-FORWARD - [0:0]\n");
     s.push_str(&format!("-A K3RS-FORWARD -s {cluster} -j ACCEPT\n"));
@@ -50,7 +70,10 @@ pub fn rules(cluster: ipnet::Ipv4Net, pod_cidr: ipnet::Ipv4Net, host_ports: &[Ho
     s.push_str("COMMIT\n*nat\n:K3RS-POSTROUTING - [0:0]\n:K3RS-HOSTPORTS - [0:0]\n");
     for m in host_ports {
         let proto = m.protocol.name();
-        let dst = m.host_ip.map(|ip| format!(" -d {ip}/32")).unwrap_or_default();
+        let dst = m
+            .host_ip
+            .map(|ip| format!(" -d {ip}/32"))
+            .unwrap_or_default();
         s.push_str(&format!(
             "-A K3RS-HOSTPORTS{dst} -p {proto} -m {proto} --dport {} -j DNAT --to-destination {}:{}\n",
             m.host_port, m.pod_ip, m.container_port
@@ -66,9 +89,15 @@ pub fn rules(cluster: ipnet::Ipv4Net, pod_cidr: ipnet::Ipv4Net, host_ports: &[Ho
         ));
     }
     // Locally originated hostport traffic (127.0.0.1 → pod) needs a routable source.
-    s.push_str(&format!("-A K3RS-POSTROUTING -s 127.0.0.0/8 -d {pod_cidr} -j MASQUERADE\n"));
-    s.push_str(&format!("-A K3RS-POSTROUTING -s {cluster} -d {cluster} -j RETURN\n"));
-    s.push_str(&format!("-A K3RS-POSTROUTING -s {cluster} ! -d 224.0.0.0/4 -j MASQUERADE\n"));
+    s.push_str(&format!(
+        "-A K3RS-POSTROUTING -s 127.0.0.0/8 -d {pod_cidr} -j MASQUERADE\n"
+    ));
+    s.push_str(&format!(
+        "-A K3RS-POSTROUTING -s {cluster} -d {cluster} -j RETURN\n"
+    ));
+    s.push_str(&format!(
+        "-A K3RS-POSTROUTING -s {cluster} ! -d 224.0.0.0/4 -j MASQUERADE\n"
+    ));
     s.push_str("COMMIT\n");
     s
 }
@@ -111,8 +140,13 @@ fn apply_blocking(netns: Option<&Path>, chains: &str) -> Result<(), NetError> {
     let mut batch = String::new();
     for table in ["filter", "nat"] {
         let start = format!("*{table}\n");
-        let Some(i) = chains.find(&start) else { continue };
-        let body_end = chains[i..].find("COMMIT\n").map(|j| i + j).unwrap_or(chains.len());
+        let Some(i) = chains.find(&start) else {
+            continue;
+        };
+        let body_end = chains[i..]
+            .find("COMMIT\n")
+            .map(|j| i + j)
+            .unwrap_or(chains.len());
         batch.push_str(&chains[i..body_end]);
         for (t, chain, spec) in JUMPS {
             if *t != table {
@@ -132,7 +166,12 @@ fn apply_blocking(netns: Option<&Path>, chains: &str) -> Result<(), NetError> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| NetError::Io("running iptables-restore (is iptables installed?)".into(), e))?;
+        .map_err(|e| {
+            NetError::Io(
+                "running iptables-restore (is iptables installed?)".into(),
+                e,
+            )
+        })?;
     child
         .stdin
         .take()

@@ -64,11 +64,21 @@ impl PodNetwork {
     /// Ensures the bridge (gateway address, up), ip_forward and the iptables rules.
     pub async fn new(cfg: PodNetworkConfig) -> Result<PodNetwork, NetError> {
         if cfg.pod_cidr.prefix_len() > 30 {
-            return Err(NetError::Invalid(format!("pod CIDR {} is too small", cfg.pod_cidr)));
+            return Err(NetError::Invalid(format!(
+                "pod CIDR {} is too small",
+                cfg.pod_cidr
+            )));
         }
         let ipam = Ipam::open(&cfg.ipam_dir, cfg.pod_cidr)?;
         let gw = ipam.gateway();
-        link::ensure_bridge(cfg.host_netns.as_deref(), &cfg.bridge, gw, cfg.pod_cidr.prefix_len(), cfg.mtu).await?;
+        link::ensure_bridge(
+            cfg.host_netns.as_deref(),
+            &cfg.bridge,
+            gw,
+            cfg.pod_cidr.prefix_len(),
+            cfg.mtu,
+        )
+        .await?;
         link::sysctl(cfg.host_netns.as_deref(), "net/ipv4/ip_forward", "1")?;
         let n = PodNetwork {
             cfg,

@@ -38,7 +38,15 @@ async fn handle_in(ns: Option<&Path>) -> Result<Handle, NetError> {
             })
             .join()
             .map_err(|_| NetError::Netlink("netlink thread panicked".into()))?
-            .map_err(|e| NetError::Io(format!("netlink socket in {}", ns.map(|p| p.display().to_string()).unwrap_or_default()), e))?
+            .map_err(|e| {
+                NetError::Io(
+                    format!(
+                        "netlink socket in {}",
+                        ns.map(|p| p.display().to_string()).unwrap_or_default()
+                    ),
+                    e,
+                )
+            })?
         }
     };
     tokio::spawn(conn);
@@ -79,12 +87,23 @@ pub fn sysctl(ns: Option<&Path>, key: &str, value: &str) -> Result<(), NetError>
     .map_err(|e| NetError::Io(format!("sysctl {key}"), e))
 }
 
-pub async fn ensure_bridge(ns: Option<&Path>, name: &str, gw: Ipv4Addr, prefix: u8, mtu: u32) -> Result<(), NetError> {
+pub async fn ensure_bridge(
+    ns: Option<&Path>,
+    name: &str,
+    gw: Ipv4Addr,
+    prefix: u8,
+    mtu: u32,
+) -> Result<(), NetError> {
     let h = handle_in(ns).await?;
     let idx = match index_of(&h, name).await? {
         Some(i) => i,
         None => {
-            exists_ok(h.link().add(LinkBridge::new(name).mtu(mtu).build()).execute().await)?;
+            exists_ok(
+                h.link()
+                    .add(LinkBridge::new(name).mtu(mtu).build())
+                    .execute()
+                    .await,
+            )?;
             index_of(&h, name)
                 .await?
                 .ok_or_else(|| NetError::Netlink(format!("bridge {name} vanished")))?
@@ -156,19 +175,28 @@ pub async fn attach(
         .execute()
         .await
         .map_err(nl)?;
-    let f = std::fs::File::open(pod_ns).map_err(|e| NetError::Io(pod_ns.display().to_string(), e))?;
+    let f =
+        std::fs::File::open(pod_ns).map_err(|e| NetError::Io(pod_ns.display().to_string(), e))?;
     h.link()
-        .set(LinkUnspec::new_with_index(pi).setns_by_fd(f.as_raw_fd()).build())
+        .set(
+            LinkUnspec::new_with_index(pi)
+                .setns_by_fd(f.as_raw_fd())
+                .build(),
+        )
         .execute()
         .await
         .map_err(nl)?;
     drop(f);
     // Inside the pod: eth0 with its address and default route, lo up.
-    let pi = index_of(&p, &peer)
-        .await?
-        .ok_or_else(|| NetError::Netlink(format!("{peer} did not arrive in the pod's namespace")))?;
+    let pi = index_of(&p, &peer).await?.ok_or_else(|| {
+        NetError::Netlink(format!("{peer} did not arrive in the pod's namespace"))
+    })?;
     p.link()
-        .set(LinkUnspec::new_with_index(pi).name("eth0".to_string()).build())
+        .set(
+            LinkUnspec::new_with_index(pi)
+                .name("eth0".to_string())
+                .build(),
+        )
         .execute()
         .await
         .map_err(nl)?;
@@ -187,7 +215,12 @@ pub async fn attach(
     }
     exists_ok(
         p.route()
-            .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(pi).build())
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(gw)
+                    .output_interface(pi)
+                    .build(),
+            )
             .execute()
             .await,
     )?;

@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Container, Pod, ResourceRequirements};
 use k3rs_runtime::images::ImageConfig;
 use k3rs_runtime::shim::{ContainerConfig, Mount, SandboxConfig};
+use k8s_openapi::api::core::v1::{Container, Pod, ResourceRequirements};
 
 use crate::controllers::quantity::{parse_bytes, parse_millis};
 
@@ -53,7 +53,12 @@ pub fn qos_class(pod: &Pod) -> &'static str {
 
 /// The pod's cgroup under the agent's cgroup root, by QoS class (as upstream's layout).
 pub fn pod_cgroup(root: &str, pod: &Pod) -> String {
-    let uid = pod.metadata.uid.clone().unwrap_or_default().replace('-', "_");
+    let uid = pod
+        .metadata
+        .uid
+        .clone()
+        .unwrap_or_default()
+        .replace('-', "_");
     let root = root.trim_end_matches('/');
     match qos_class(pod) {
         "Guaranteed" => format!("{root}/kubepods/pod{uid}"),
@@ -64,13 +69,21 @@ pub fn pod_cgroup(root: &str, pod: &Pod) -> String {
 
 fn millis(r: &Option<ResourceRequirements>, which: &str, res: &str) -> Option<i128> {
     let r = r.as_ref()?;
-    let m = if which == "limits" { &r.limits } else { &r.requests };
+    let m = if which == "limits" {
+        &r.limits
+    } else {
+        &r.requests
+    };
     m.as_ref()?.get(res).and_then(|q| parse_millis(&q.0))
 }
 
 fn bytes(r: &Option<ResourceRequirements>, which: &str, res: &str) -> Option<u64> {
     let r = r.as_ref()?;
-    let m = if which == "limits" { &r.limits } else { &r.requests };
+    let m = if which == "limits" {
+        &r.limits
+    } else {
+        &r.requests
+    };
     m.as_ref()?.get(res).and_then(|q| parse_bytes(&q.0))
 }
 
@@ -83,7 +96,8 @@ pub fn cpu_shares_quota(r: &Option<ResourceRequirements>) -> (u64, Option<i64>) 
         Some(m) => ((m as u64) * 1024 / 1000).max(2),
         None => 2,
     };
-    let quota = millis(r, "limits", "cpu").map(|m| ((m as u64 * CPU_PERIOD) / 1000).max(1000) as i64);
+    let quota =
+        millis(r, "limits", "cpu").map(|m| ((m as u64 * CPU_PERIOD) / 1000).max(1000) as i64);
     (shares, quota)
 }
 
@@ -106,7 +120,10 @@ pub fn sandbox_config(pod: &Pod, cgroup_root: &str, state_dir: PathBuf) -> Sandb
     let req_cpu: i128 = spec
         .containers
         .iter()
-        .filter_map(|c| millis(&c.resources, "requests", "cpu").or_else(|| millis(&c.resources, "limits", "cpu")))
+        .filter_map(|c| {
+            millis(&c.resources, "requests", "cpu")
+                .or_else(|| millis(&c.resources, "limits", "cpu"))
+        })
         .sum();
     SandboxConfig {
         pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
@@ -118,7 +135,8 @@ pub fn sandbox_config(pod: &Pod, cgroup_root: &str, state_dir: PathBuf) -> Sandb
         cgroup_parent: pod_cgroup(cgroup_root, pod),
         state_dir,
         cpu_shares: Some(((req_cpu as u64) * 1024 / 1000).max(2)),
-        cpu_quota: all_cpu.map(|v| ((v.iter().sum::<i128>() as u64 * CPU_PERIOD) / 1000).max(1000) as i64),
+        cpu_quota: all_cpu
+            .map(|v| ((v.iter().sum::<i128>() as u64 * CPU_PERIOD) / 1000).max(1000) as i64),
         memory_limit: all_mem.map(|v| v.iter().sum::<u64>() as i64),
     }
 }
@@ -207,7 +225,10 @@ pub fn container_config(
     let mut merged: Vec<(String, String)> = img
         .env
         .iter()
-        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|e| {
+            e.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect();
     for (k, v) in env {
         if let Some(e) = merged.iter_mut().find(|(mk, _)| *mk == k) {
@@ -239,7 +260,8 @@ pub fn container_config(
             .or_else(|| vm.sub_path_expr.clone().map(|e| expand(&e, &vars)))
             .unwrap_or_default();
         if !sub.is_empty() {
-            source = super::volumes::VolumeManager::sub_path(base, &sub).map_err(|e| e.to_string())?;
+            source =
+                super::volumes::VolumeManager::sub_path(base, &sub).map_err(|e| e.to_string())?;
         }
         mounts.push(Mount {
             source,
@@ -312,14 +334,23 @@ pub fn container_config(
         });
     let mut annotations = BTreeMap::new();
     annotations.insert("io.kubernetes.container.name".into(), c.name.clone());
-    annotations.insert("io.kubernetes.container.image".into(), c.image.clone().unwrap_or_default());
-    annotations.insert("io.kubernetes.container.restartCount".into(), attempt.to_string());
+    annotations.insert(
+        "io.kubernetes.container.image".into(),
+        c.image.clone().unwrap_or_default(),
+    );
+    annotations.insert(
+        "io.kubernetes.container.restartCount".into(),
+        attempt.to_string(),
+    );
     Ok(ContainerConfig {
         name: c.name.clone(),
         attempt,
         layers,
         args,
-        env: merged.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        env: merged
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
         cwd,
         uid,
         gid,
@@ -327,8 +358,18 @@ pub fn container_config(
         supplemental_gids: supplemental,
         mounts,
         privileged,
-        cap_add: caps.add.unwrap_or_default().iter().map(|c| cap_name(c)).collect(),
-        cap_drop: caps.drop.unwrap_or_default().iter().map(|c| cap_name(c)).collect(),
+        cap_add: caps
+            .add
+            .unwrap_or_default()
+            .iter()
+            .map(|c| cap_name(c))
+            .collect(),
+        cap_drop: caps
+            .drop
+            .unwrap_or_default()
+            .iter()
+            .map(|c| cap_name(c))
+            .collect(),
         no_new_privs: !privileged && sc.allow_privilege_escalation == Some(false),
         read_only_rootfs: sc.read_only_root_filesystem.unwrap_or(false),
         seccomp_default: !privileged && seccomp != "Unconfined",
@@ -355,9 +396,9 @@ pub fn hosts_file(pod: &Pod, pod_ip: &str, cluster_domain: &str) -> String {
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
     );
     match &spec.subdomain {
-        Some(sub) if !sub.is_empty() => {
-            s.push_str(&format!("{pod_ip}\t{host}.{sub}.{ns}.svc.{cluster_domain}\t{host}\n"))
-        }
+        Some(sub) if !sub.is_empty() => s.push_str(&format!(
+            "{pod_ip}\t{host}.{sub}.{ns}.svc.{cluster_domain}\t{host}\n"
+        )),
         _ => s.push_str(&format!("{pod_ip}\t{host}\n")),
     }
     let aliases = spec.host_aliases.clone().unwrap_or_default();
@@ -391,7 +432,10 @@ pub fn host_resolv_conf() -> String {
 pub fn resolv_conf(pod: &Pod, host: &str, cluster_dns: &str, cluster_domain: &str) -> String {
     let spec = pod.spec.clone().unwrap_or_default();
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
-    let policy = spec.dns_policy.clone().unwrap_or_else(|| "ClusterFirst".into());
+    let policy = spec
+        .dns_policy
+        .clone()
+        .unwrap_or_else(|| "ClusterFirst".into());
     let host_net = spec.host_network.unwrap_or(false);
     let mut servers: Vec<String> = Vec::new();
     let mut searches: Vec<String> = Vec::new();
@@ -481,12 +525,16 @@ mod tests {
     fn qos_classes_follow_upstream() {
         let be = pod(json!({"metadata": {"uid": "u-1"}, "spec": {"containers": [{"name": "a"}]}}));
         assert_eq!(qos_class(&be), "BestEffort");
-        let g = pod(json!({"metadata": {"uid": "u-1"}, "spec": {"containers": [{"name": "a",
-            "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]}}));
+        let g = pod(
+            json!({"metadata": {"uid": "u-1"}, "spec": {"containers": [{"name": "a",
+            "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}]}}),
+        );
         assert_eq!(qos_class(&g), "Guaranteed");
         assert_eq!(pod_cgroup("/k3rs", &g), "/k3rs/kubepods/podu_1");
-        let b = pod(json!({"metadata": {"uid": "u-1"}, "spec": {"containers": [{"name": "a",
-            "resources": {"requests": {"cpu": "100m"}}}]}}));
+        let b = pod(
+            json!({"metadata": {"uid": "u-1"}, "spec": {"containers": [{"name": "a",
+            "resources": {"requests": {"cpu": "100m"}}}]}}),
+        );
         assert_eq!(qos_class(&b), "Burstable");
         assert_eq!(pod_cgroup("/k3rs/", &b), "/k3rs/kubepods/burstable/podu_1");
     }
@@ -494,7 +542,8 @@ mod tests {
     #[test]
     fn cpu_limits_become_quota_and_requests_shares() {
         let r: Option<ResourceRequirements> = serde_json::from_value(json!({
-            "requests": {"cpu": "250m"}, "limits": {"cpu": "500m"}})).unwrap();
+            "requests": {"cpu": "250m"}, "limits": {"cpu": "500m"}}))
+        .unwrap();
         assert_eq!(cpu_shares_quota(&r), (256, Some(50_000)));
         assert_eq!(cpu_shares_quota(&None), (2, None));
     }
@@ -516,29 +565,50 @@ mod tests {
         let vars = HashMap::new();
         let c = |v: serde_json::Value| -> Container { serde_json::from_value(v).unwrap() };
         assert_eq!(argv(&c(json!({"name": "a"})), &img, &vars), ["/ep", "c1"]);
-        assert_eq!(argv(&c(json!({"name": "a", "args": ["x"]})), &img, &vars), ["/ep", "x"]);
-        assert_eq!(argv(&c(json!({"name": "a", "command": ["sh"]})), &img, &vars), ["sh"]);
+        assert_eq!(
+            argv(&c(json!({"name": "a", "args": ["x"]})), &img, &vars),
+            ["/ep", "x"]
+        );
+        assert_eq!(
+            argv(&c(json!({"name": "a", "command": ["sh"]})), &img, &vars),
+            ["sh"]
+        );
     }
 
     #[test]
     fn cluster_first_resolv_conf() {
-        let p = pod(json!({"metadata": {"namespace": "ns1"}, "spec": {"containers": [],
-            "dnsConfig": {"options": [{"name": "ndots", "value": "2"}], "searches": ["x.y"]}}}));
+        let p = pod(
+            json!({"metadata": {"namespace": "ns1"}, "spec": {"containers": [],
+            "dnsConfig": {"options": [{"name": "ndots", "value": "2"}], "searches": ["x.y"]}}}),
+        );
         let host = "nameserver 127.0.0.53\nsearch corp\n";
         assert_eq!(
             resolv_conf(&p, host, "10.43.0.10", "cluster.local"),
             "search ns1.svc.cluster.local svc.cluster.local cluster.local corp x.y\nnameserver 10.43.0.10\noptions ndots:2\n"
         );
-        let d = pod(json!({"metadata": {"namespace": "ns1"}, "spec": {"containers": [], "dnsPolicy": "Default"}}));
-        assert_eq!(resolv_conf(&d, "nameserver 1.1.1.1\n", "10.43.0.10", "cluster.local"), "nameserver 1.1.1.1\n");
+        let d = pod(
+            json!({"metadata": {"namespace": "ns1"}, "spec": {"containers": [], "dnsPolicy": "Default"}}),
+        );
+        assert_eq!(
+            resolv_conf(&d, "nameserver 1.1.1.1\n", "10.43.0.10", "cluster.local"),
+            "nameserver 1.1.1.1\n"
+        );
     }
 
     #[test]
     fn hosts_file_names_the_pod() {
-        let p = pod(json!({"metadata": {"name": "web-0", "namespace": "ns"}, "spec": {"containers": [],
-            "hostname": "web-0", "subdomain": "web", "hostAliases": [{"ip": "1.2.3.4", "hostnames": ["a", "b"]}]}}));
+        let p = pod(
+            json!({"metadata": {"name": "web-0", "namespace": "ns"}, "spec": {"containers": [],
+            "hostname": "web-0", "subdomain": "web", "hostAliases": [{"ip": "1.2.3.4", "hostnames": ["a", "b"]}]}}),
+        );
         let h = hosts_file(&p, "10.42.0.7", "cluster.local");
-        assert!(h.contains("10.42.0.7\tweb-0.web.ns.svc.cluster.local\tweb-0\n"), "{h}");
-        assert!(h.ends_with("# Entries added by HostAliases.\n1.2.3.4\ta\tb\n"), "{h}");
+        assert!(
+            h.contains("10.42.0.7\tweb-0.web.ns.svc.cluster.local\tweb-0\n"),
+            "{h}"
+        );
+        assert!(
+            h.ends_with("# Entries added by HostAliases.\n1.2.3.4\ta\tb\n"),
+            "{h}"
+        );
     }
 }

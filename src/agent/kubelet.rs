@@ -23,7 +23,9 @@ pub struct WorkerHandle {
 impl Agent {
     /// Hands the latest pod object to its worker, starting one if needed.
     fn dispatch(self: &Arc<Self>, pod: Pod) {
-        let Some(uid) = pod.metadata.uid.clone() else { return };
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
         let mut g = self.workers.lock();
         if let Some(w) = g.get(&uid) {
             let _ = w.tx.send(Some(Arc::new(pod)));
@@ -170,16 +172,24 @@ impl Agent {
         let g = self.workers.lock();
         let mut victims: Vec<(u8, i32, String)> = Vec::new();
         for (uid, w) in g.iter() {
-            let Some(pod) = w.tx.borrow().clone() else { continue };
+            let Some(pod) = w.tx.borrow().clone() else {
+                continue;
+            };
             let ann = pod.metadata.annotations.clone().unwrap_or_default();
-            if ann.contains_key("kubernetes.io/config.mirror") || pod.metadata.deletion_timestamp.is_some() {
+            if ann.contains_key("kubernetes.io/config.mirror")
+                || pod.metadata.deletion_timestamp.is_some()
+            {
                 continue;
             }
             let prio = pod.spec.as_ref().and_then(|s| s.priority).unwrap_or(0);
             if prio >= 2_000_000_000 {
                 continue;
             }
-            let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+            let phase = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
             if phase == "Succeeded" || phase == "Failed" {
                 continue;
             }
@@ -218,9 +228,15 @@ impl Agent {
         let to_free = used.saturating_sub(target);
         let mut in_use = HashSet::new();
         for w in self.workers.lock().values() {
-            let Some(pod) = w.tx.borrow().clone() else { continue };
+            let Some(pod) = w.tx.borrow().clone() else {
+                continue;
+            };
             let spec = pod.spec.clone().unwrap_or_default();
-            for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
                 let Some(image) = &c.image else { continue };
                 if let Ok(r) = k3rs_runtime::images::normalize_reference(image) {
                     if let Some(i) = self.images.get(&r) {

@@ -227,6 +227,8 @@ pub struct Agent {
     pub airgap_images: Mutex<HashSet<String>>,
     pub workers: Mutex<HashMap<String, kubelet::WorkerHandle>>,
     pub pod_ip: Mutex<HashMap<String, Ipv4Addr>>,
+    /// hostPort mappings by pod uid (the node's whole table is applied at once).
+    pub host_ports: Mutex<HashMap<String, Vec<k3rs_net::HostPortMapping>>>,
     pub pulls: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -295,6 +297,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>> {
         airgap_images: Mutex::new(HashSet::new()),
         workers: Mutex::new(HashMap::new()),
         pod_ip: Mutex::new(HashMap::new()),
+        host_ports: Mutex::new(HashMap::new()),
         pulls: tokio::sync::Mutex::new(HashMap::new()),
     });
     agent.import_airgap_images().await;
@@ -363,6 +366,26 @@ impl Agent {
         Ok(())
     }
 
+    /// Sets (or clears, with an empty list) a pod's hostPort mappings and applies the table.
+    pub async fn set_host_ports(&self, uid: &str, ports: Vec<k3rs_net::HostPortMapping>) {
+        let all: Vec<k3rs_net::HostPortMapping> = {
+            let mut g = self.host_ports.lock();
+            if ports.is_empty() {
+                if g.remove(uid).is_none() {
+                    return;
+                }
+            } else {
+                g.insert(uid.to_string(), ports);
+            }
+            g.values().flatten().cloned().collect()
+        };
+        if let Some(net) = self.net.get() {
+            if let Err(e) = net.set_host_ports(&all).await {
+                tracing::warn!(error = %e, "applying hostPort rules");
+            }
+        }
+    }
+
     pub async fn import_airgap_images(&self) {
         let store = self.images.clone();
         let dir = self.cfg.images_dir();
@@ -407,7 +430,10 @@ mod tests {
             ("max-pods", "50"),
             ("system-reserved", "cpu=100m,memory=100Mi"),
             ("kube-reserved", "cpu=150m,memory=156Mi"),
-            ("eviction-hard", "memory.available<200Mi,nodefs.available<5%"),
+            (
+                "eviction-hard",
+                "memory.available<200Mi,nodefs.available<5%",
+            ),
         ]
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))

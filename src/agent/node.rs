@@ -58,7 +58,12 @@ impl Machine {
         let pids_running = std::fs::read_dir("/proc")
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .bytes()
+                            .all(|b| b.is_ascii_digit())
+                    })
                     .count() as u64
             })
             .unwrap_or(0);
@@ -197,21 +202,70 @@ pub fn conditions(p: Pressure, since: &BTreeMap<String, (bool, String)>, now: &s
     let ready = true;
     vec![
         if p.memory {
-            condition("MemoryPressure", true, "KubeletHasInsufficientMemory", "kubelet has insufficient memory available", since, now)
+            condition(
+                "MemoryPressure",
+                true,
+                "KubeletHasInsufficientMemory",
+                "kubelet has insufficient memory available",
+                since,
+                now,
+            )
         } else {
-            condition("MemoryPressure", false, "KubeletHasSufficientMemory", "kubelet has sufficient memory available", since, now)
+            condition(
+                "MemoryPressure",
+                false,
+                "KubeletHasSufficientMemory",
+                "kubelet has sufficient memory available",
+                since,
+                now,
+            )
         },
         if p.disk {
-            condition("DiskPressure", true, "KubeletHasDiskPressure", "kubelet has disk pressure", since, now)
+            condition(
+                "DiskPressure",
+                true,
+                "KubeletHasDiskPressure",
+                "kubelet has disk pressure",
+                since,
+                now,
+            )
         } else {
-            condition("DiskPressure", false, "KubeletHasNoDiskPressure", "kubelet has no disk pressure", since, now)
+            condition(
+                "DiskPressure",
+                false,
+                "KubeletHasNoDiskPressure",
+                "kubelet has no disk pressure",
+                since,
+                now,
+            )
         },
         if p.pid {
-            condition("PIDPressure", true, "KubeletHasInsufficientPID", "kubelet has insufficient PID available", since, now)
+            condition(
+                "PIDPressure",
+                true,
+                "KubeletHasInsufficientPID",
+                "kubelet has insufficient PID available",
+                since,
+                now,
+            )
         } else {
-            condition("PIDPressure", false, "KubeletHasSufficientPID", "kubelet has sufficient PID available", since, now)
+            condition(
+                "PIDPressure",
+                false,
+                "KubeletHasSufficientPID",
+                "kubelet has sufficient PID available",
+                since,
+                now,
+            )
         },
-        condition("Ready", ready, "KubeletReady", "kubelet is posting ready status", since, now),
+        condition(
+            "Ready",
+            ready,
+            "KubeletReady",
+            "kubelet is posting ready status",
+            since,
+            now,
+        ),
     ]
 }
 
@@ -225,7 +279,10 @@ impl Agent {
         labels.insert("beta.kubernetes.io/arch".into(), json!(crate::arch()));
         labels.insert("node.kubernetes.io/instance-type".into(), json!("k3rs"));
         if self.cfg.control_plane {
-            labels.insert("node-role.kubernetes.io/control-plane".into(), json!("true"));
+            labels.insert(
+                "node-role.kubernetes.io/control-plane".into(),
+                json!("true"),
+            );
             labels.insert("node-role.kubernetes.io/master".into(), json!("true"));
         }
         for (k, v) in &self.cfg.node_labels {
@@ -247,7 +304,10 @@ impl Agent {
             for c in &conds {
                 let kind = c["type"].as_str().unwrap_or_default().to_string();
                 let status = c["status"] == "True";
-                let t = c["lastTransitionTime"].as_str().unwrap_or_default().to_string();
+                let t = c["lastTransitionTime"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 g.insert(kind, (status, t));
             }
         }
@@ -365,7 +425,10 @@ impl Agent {
         let now = super::micro_now();
         match self
             .client
-            .merge_patch(&path, &json!({"spec": {"renewTime": now, "holderIdentity": name}}))
+            .merge_patch(
+                &path,
+                &json!({"spec": {"renewTime": now, "holderIdentity": name}}),
+            )
             .await
         {
             Ok(_) => Ok(()),
@@ -448,18 +511,26 @@ mod tests {
 
     #[test]
     fn allocatable_subtracts_reservations_and_eviction_threshold() {
-        let mut t = Thresholds::default();
-        t.reserved_cpu_millis = 250;
-        t.reserved_memory = 256 << 20;
+        let t = Thresholds {
+            reserved_cpu_millis: 250,
+            reserved_memory: 256 << 20,
+            ..Default::default()
+        };
         let (cap, alloc) = resources(&machine(), &t);
         assert_eq!(cap["cpu"], "2");
         assert_eq!(cap["memory"], format!("{}Ki", 4u64 << 20));
         assert_eq!(cap["pods"], "110");
         assert_eq!(alloc["cpu"], "1750m");
         // 4 GiB − 256 MiB − 100 MiB (memory.available<100Mi).
-        assert_eq!(alloc["memory"], format!("{}Ki", ((4u64 << 30) - (356 << 20)) / 1024));
+        assert_eq!(
+            alloc["memory"],
+            format!("{}Ki", ((4u64 << 30) - (356 << 20)) / 1024)
+        );
         // 100 GiB − 10 % (nodefs.available<10%).
-        assert_eq!(alloc["ephemeral-storage"], ((100u64 << 30) * 9 / 10).to_string());
+        assert_eq!(
+            alloc["ephemeral-storage"],
+            ((100u64 << 30) * 9 / 10).to_string()
+        );
     }
 
     #[test]
@@ -471,21 +542,32 @@ mod tests {
         m.disk_available_bytes = 5 << 30;
         let p = Pressure::of(&m, &t);
         assert!(p.memory && p.disk && !p.pid);
-        let mut t2 = Thresholds::default();
-        t2.memory_available = Quantity::Bytes(4 << 30);
+        let t2 = Thresholds {
+            memory_available: Quantity::Bytes(4 << 30),
+            ..Default::default()
+        };
         assert!(Pressure::of(&machine(), &t2).memory);
     }
 
     #[test]
     fn conditions_keep_transition_time_while_status_holds() {
         let mut since = BTreeMap::new();
-        since.insert("Ready".to_string(), (true, "2020-01-01T00:00:00Z".to_string()));
-        since.insert("MemoryPressure".to_string(), (true, "2020-01-01T00:00:00Z".to_string()));
+        since.insert(
+            "Ready".to_string(),
+            (true, "2020-01-01T00:00:00Z".to_string()),
+        );
+        since.insert(
+            "MemoryPressure".to_string(),
+            (true, "2020-01-01T00:00:00Z".to_string()),
+        );
         let cs = conditions(Pressure::default(), &since, "2026-01-01T00:00:00Z");
         let get = |k: &str| cs.iter().find(|c| c["type"] == k).unwrap().clone();
         assert_eq!(get("Ready")["lastTransitionTime"], "2020-01-01T00:00:00Z");
         assert_eq!(get("Ready")["reason"], "KubeletReady");
-        assert_eq!(get("MemoryPressure")["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(
+            get("MemoryPressure")["lastTransitionTime"],
+            "2026-01-01T00:00:00Z"
+        );
         assert_eq!(get("MemoryPressure")["status"], "False");
     }
 }

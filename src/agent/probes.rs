@@ -21,8 +21,9 @@ pub enum ProbeKind {
     Startup,
 }
 
-pub type ExecFn =
-    dyn Fn(Vec<String>, Duration) -> BoxFuture<'static, Result<(i32, Vec<u8>), String>> + Send + Sync;
+pub type ExecFn = dyn Fn(Vec<String>, Duration) -> BoxFuture<'static, Result<(i32, Vec<u8>), String>>
+    + Send
+    + Sync;
 
 fn port_of(p: &IntOrString, c: &Container) -> Result<u16, String> {
     match p {
@@ -47,7 +48,9 @@ fn timeout_of(p: &Probe) -> Duration {
 }
 
 async fn http_probe(p: &Probe, c: &Container, ip: Option<IpAddr>) -> ProbeOutcome {
-    let Some(h) = &p.http_get else { return ProbeOutcome::Failure("no httpGet".into()) };
+    let Some(h) = &p.http_get else {
+        return ProbeOutcome::Failure("no httpGet".into());
+    };
     let port = match port_of(&h.port, c) {
         Ok(p) => p,
         Err(e) => return ProbeOutcome::Failure(e),
@@ -58,9 +61,17 @@ async fn http_probe(p: &Probe, c: &Container, ip: Option<IpAddr>) -> ProbeOutcom
         .filter(|s| !s.is_empty())
         .or_else(|| ip.map(|i| i.to_string()))
         .unwrap_or_else(|| "127.0.0.1".into());
-    let scheme = h.scheme.clone().unwrap_or_else(|| "HTTP".into()).to_lowercase();
+    let scheme = h
+        .scheme
+        .clone()
+        .unwrap_or_else(|| "HTTP".into())
+        .to_lowercase();
     let path = h.path.clone().unwrap_or_else(|| "/".into());
-    let path = if path.starts_with('/') { path } else { format!("/{path}") };
+    let path = if path.starts_with('/') {
+        path
+    } else {
+        format!("/{path}")
+    };
     let url = format!("{scheme}://{host}:{port}{path}");
     let timeout = timeout_of(p);
     let fut = async {
@@ -73,9 +84,10 @@ async fn http_probe(p: &Probe, c: &Container, ip: Option<IpAddr>) -> ProbeOutcom
         if scheme == "https" {
             return Err(format!("Get {url:?}: HTTPS probes are not supported yet"));
         }
-        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("Get {url:?}: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("Get {url:?}: {e}"))?;
         tokio::spawn(conn);
         let mut req = hyper::Request::builder()
             .method("GET")
@@ -123,7 +135,9 @@ fn refused(e: &std::io::Error) -> String {
 }
 
 async fn tcp_probe(p: &Probe, c: &Container, ip: Option<IpAddr>) -> ProbeOutcome {
-    let Some(t) = &p.tcp_socket else { return ProbeOutcome::Failure("no tcpSocket".into()) };
+    let Some(t) = &p.tcp_socket else {
+        return ProbeOutcome::Failure("no tcpSocket".into());
+    };
     let port = match port_of(&t.port, c) {
         Ok(p) => p,
         Err(e) => return ProbeOutcome::Failure(e),
@@ -144,14 +158,22 @@ async fn tcp_probe(p: &Probe, c: &Container, ip: Option<IpAddr>) -> ProbeOutcome
 
 /// grpc.health.v1.Health/Check over HTTP/2 (prior knowledge).
 async fn grpc_probe(p: &Probe, ip: Option<IpAddr>) -> ProbeOutcome {
-    let Some(g) = &p.grpc else { return ProbeOutcome::Failure("no grpc".into()) };
-    let host = ip.map(|i| i.to_string()).unwrap_or_else(|| "127.0.0.1".into());
+    let Some(g) = &p.grpc else {
+        return ProbeOutcome::Failure("no grpc".into());
+    };
+    let host = ip
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
     let target = format!("{host}:{}", g.port);
     let service = g.service.clone().unwrap_or_default();
     let fut = async {
-        let tcp = tokio::net::TcpStream::connect(&target)
-            .await
-            .map_err(|e| format!("failed to connect service {target:?} within {}s: {}", timeout_of(p).as_secs(), refused(&e)))?;
+        let tcp = tokio::net::TcpStream::connect(&target).await.map_err(|e| {
+            format!(
+                "failed to connect service {target:?} within {}s: {}",
+                timeout_of(p).as_secs(),
+                refused(&e)
+            )
+        })?;
         let (mut send, conn) = hyper::client::conn::http2::handshake(
             hyper_util::rt::TokioExecutor::new(),
             hyper_util::rt::TokioIo::new(tcp),
@@ -177,7 +199,11 @@ async fn grpc_probe(p: &Probe, ip: Option<IpAddr>) -> ProbeOutcome {
             .body(Full::new(bytes::Bytes::from(frame)))
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
         let trailers = body.trailers().cloned();
         let bytes = body.to_bytes();
         if let Some(t) = trailers {
@@ -188,7 +214,11 @@ async fn grpc_probe(p: &Probe, ip: Option<IpAddr>) -> ProbeOutcome {
             }
         }
         // HealthCheckResponse { ServingStatus status = 1; } after the 5-byte frame header.
-        let status = if bytes.len() >= 7 && bytes[5] == 0x08 { bytes[6] } else { 0 };
+        let status = if bytes.len() >= 7 && bytes[5] == 0x08 {
+            bytes[6]
+        } else {
+            0
+        };
         Ok(status)
     };
     match tokio::time::timeout(timeout_of(p), fut).await {
@@ -202,12 +232,20 @@ async fn grpc_probe(p: &Probe, ip: Option<IpAddr>) -> ProbeOutcome {
             }
         )),
         Ok(Err(e)) => ProbeOutcome::Failure(e),
-        Err(_) => ProbeOutcome::Failure(format!("timeout: health rpc did not complete within {}s", timeout_of(p).as_secs())),
+        Err(_) => ProbeOutcome::Failure(format!(
+            "timeout: health rpc did not complete within {}s",
+            timeout_of(p).as_secs()
+        )),
     }
 }
 
 /// One attempt of the probe.
-pub async fn probe_once(probe: &Probe, container: &Container, pod_ip: Option<IpAddr>, exec: &ExecFn) -> ProbeOutcome {
+pub async fn probe_once(
+    probe: &Probe,
+    container: &Container,
+    pod_ip: Option<IpAddr>,
+    exec: &ExecFn,
+) -> ProbeOutcome {
     if let Some(e) = &probe.exec {
         let cmd = e.command.clone().unwrap_or_default();
         return match exec(cmd, timeout_of(probe)).await {
@@ -253,7 +291,9 @@ impl ProbeTracker {
     pub fn new(probe: &Probe, kind: ProbeKind) -> ProbeTracker {
         ProbeTracker {
             kind,
-            initial_delay: Duration::from_secs(probe.initial_delay_seconds.unwrap_or(0).max(0) as u64),
+            initial_delay: Duration::from_secs(
+                probe.initial_delay_seconds.unwrap_or(0).max(0) as u64
+            ),
             period: Duration::from_secs(probe.period_seconds.unwrap_or(10).max(1) as u64),
             timeout: timeout_of(probe),
             success_threshold: probe.success_threshold.unwrap_or(1).max(1) as u32,
@@ -295,7 +335,10 @@ impl ProbeTracker {
                 return Some(false);
             }
             // A readiness or startup probe that never passed reports its failure once.
-            if !self.result && self.kind != ProbeKind::Liveness && self.failures == self.failure_threshold {
+            if !self.result
+                && self.kind != ProbeKind::Liveness
+                && self.failures == self.failure_threshold
+            {
                 return Some(false);
             }
         }
@@ -314,7 +357,10 @@ mod tests {
 
     #[test]
     fn thresholds_flip_results_as_upstream() {
-        let mut r = ProbeTracker::new(&probe(json!({"successThreshold": 2, "failureThreshold": 2})), ProbeKind::Readiness);
+        let mut r = ProbeTracker::new(
+            &probe(json!({"successThreshold": 2, "failureThreshold": 2})),
+            ProbeKind::Readiness,
+        );
         assert!(!r.result());
         assert_eq!(r.observe(true), None);
         assert_eq!(r.observe(true), Some(true));
@@ -329,7 +375,14 @@ mod tests {
         assert_eq!(l.observe(false), None);
         assert_eq!(l.observe(false), Some(false));
         let d = ProbeTracker::new(&probe(json!({})), ProbeKind::Liveness);
-        assert_eq!((d.period(), d.timeout(), d.initial_delay()), (Duration::from_secs(10), Duration::from_secs(1), Duration::ZERO));
+        assert_eq!(
+            (d.period(), d.timeout(), d.initial_delay()),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(1),
+                Duration::ZERO
+            )
+        );
     }
 
     fn no_exec() -> Box<ExecFn> {
@@ -341,14 +394,25 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         tokio::spawn(async move {
             loop {
-                let Ok((mut s, _)) = l.accept().await else { return };
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let code = if req.contains("x-probe: yes") { code } else { 418 };
+                let code = if req.contains("x-probe: yes") {
+                    code
+                } else {
+                    418
+                };
                 let _ = s
-                    .write_all(format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes())
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
                     .await;
             }
         });
@@ -357,24 +421,41 @@ mod tests {
 
     #[tokio::test]
     async fn http_probes_send_headers_and_judge_status_codes() {
-        let c: Container = serde_json::from_value(json!({"name": "c", "ports": [{"name": "web", "containerPort": 1}]})).unwrap();
+        let c: Container = serde_json::from_value(
+            json!({"name": "c", "ports": [{"name": "web", "containerPort": 1}]}),
+        )
+        .unwrap();
         let ok = serve(200).await;
         let mut c2 = c.clone();
         c2.ports.as_mut().unwrap()[0].container_port = ok as i32;
-        let p = probe(json!({"httpGet": {"port": "web", "path": "/h", "httpHeaders": [{"name": "X-Probe", "value": "yes"}]}}));
+        let p = probe(
+            json!({"httpGet": {"port": "web", "path": "/h", "httpHeaders": [{"name": "X-Probe", "value": "yes"}]}}),
+        );
         let ip = Some("127.0.0.1".parse().unwrap());
-        assert!(matches!(probe_once(&p, &c2, ip, &*no_exec()).await, ProbeOutcome::Success));
+        assert!(matches!(
+            probe_once(&p, &c2, ip, &*no_exec()).await,
+            ProbeOutcome::Success
+        ));
         let bad = serve(500).await;
-        let p = probe(json!({"httpGet": {"port": bad, "httpHeaders": [{"name": "X-Probe", "value": "yes"}]}}));
+        let p = probe(
+            json!({"httpGet": {"port": bad, "httpHeaders": [{"name": "X-Probe", "value": "yes"}]}}),
+        );
         match probe_once(&p, &c, ip, &*no_exec()).await {
             ProbeOutcome::Failure(m) => assert_eq!(m, "HTTP probe failed with statuscode: 500"),
             _ => panic!("500 must fail"),
         }
         // Nothing listens on a closed port.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let p = probe(json!({"tcpSocket": {"port": closed}}));
         match probe_once(&p, &c, ip, &*no_exec()).await {
-            ProbeOutcome::Failure(m) => assert_eq!(m, format!("dial tcp 127.0.0.1:{closed}: connect: connection refused")),
+            ProbeOutcome::Failure(m) => assert_eq!(
+                m,
+                format!("dial tcp 127.0.0.1:{closed}: connect: connection refused")
+            ),
             _ => panic!("refused must fail"),
         }
         let p = probe(json!({"httpGet": {"port": "nosuch"}}));

@@ -19,7 +19,10 @@ const MIRROR_KEY: &str = "kubernetes.io/config.mirror";
 
 fn hash(bytes: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Reads one manifest file into the mirror pod to create (pure but for reading the file).
@@ -37,7 +40,12 @@ pub fn mirror_pod(path: &Path, text: &str, node: &str) -> Result<Value> {
     let h = hash(format!("{node}\n{text}").as_bytes());
     let md = pod["metadata"].as_object_mut().context("metadata")?;
     md.insert("name".into(), json!(format!("{name}-{node}")));
-    if md.get("namespace").and_then(Value::as_str).unwrap_or("").is_empty() {
+    if md
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .is_empty()
+    {
         md.insert("namespace".into(), json!("default"));
     }
     for f in ["uid", "resourceVersion", "creationTimestamp"] {
@@ -51,7 +59,10 @@ pub fn mirror_pod(path: &Path, text: &str, node: &str) -> Result<Value> {
     ann.insert(HASH_KEY.into(), json!(h));
     ann.insert(MIRROR_KEY.into(), json!(h));
     ann.insert("kubernetes.io/config.source".into(), json!("file"));
-    ann.insert("kubernetes.io/config.seen".into(), json!(super::now_rfc3339()));
+    ann.insert(
+        "kubernetes.io/config.seen".into(),
+        json!(super::now_rfc3339()),
+    );
     pod["spec"]["nodeName"] = json!(node);
     if pod["spec"]["priority"].is_null() && pod["spec"]["priorityClassName"].is_null() {
         // Upstream gives static pods no default priority class; nothing to add.
@@ -70,7 +81,10 @@ impl Agent {
         for e in rd.flatten() {
             let p = e.path();
             let ext = p.extension().and_then(|x| x.to_str()).unwrap_or_default();
-            if !matches!(ext, "yaml" | "yml" | "json") || p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+            if !matches!(ext, "yaml" | "yml" | "json")
+                || p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
                 continue;
             }
             match std::fs::read_to_string(&p)
@@ -114,7 +128,9 @@ impl Agent {
         for (key, p) in &have {
             let stale = match want.get(key) {
                 None => true,
-                Some(w) => w["metadata"]["annotations"][HASH_KEY] != p["metadata"]["annotations"][HASH_KEY],
+                Some(w) => {
+                    w["metadata"]["annotations"][HASH_KEY] != p["metadata"]["annotations"][HASH_KEY]
+                }
             };
             if stale && p["metadata"]["deletionTimestamp"].is_null() {
                 let (ns, name) = key.split_once('/').unwrap_or_default();
@@ -136,7 +152,10 @@ impl Agent {
                 "apiVersion": "v1", "kind": "Node", "name": self.cfg.node_name,
                 "uid": node_uid, "controller": true,
             }]);
-            let ns = pod["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let ns = pod["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
             match self
                 .client
                 .post(&format!("/api/v1/namespaces/{ns}/pods"), &pod)
@@ -144,7 +163,9 @@ impl Agent {
             {
                 Ok(_) => tracing::info!(pod = %key, "static pod created"),
                 Err(e) if status_code(&e) == Some(409) => {}
-                Err(e) => tracing::warn!(pod = %key, error = %format!("{e:#}"), "creating a static pod"),
+                Err(e) => {
+                    tracing::warn!(pod = %key, error = %format!("{e:#}"), "creating a static pod")
+                }
             }
         }
         Ok(())
@@ -159,7 +180,10 @@ impl Agent {
                 .get(&format!("/api/v1/nodes/{}", self.cfg.node_name))
                 .await
             {
-                Ok(n) => n["metadata"]["uid"].as_str().unwrap_or_default().to_string(),
+                Ok(n) => n["metadata"]["uid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
                 Err(_) => continue,
             };
             if let Err(e) = self.sync_static_pods(&node_uid).await {
@@ -180,11 +204,19 @@ mod tests {
         assert_eq!(p["metadata"]["name"], "web-n1");
         assert_eq!(p["metadata"]["namespace"], "default");
         assert_eq!(p["spec"]["nodeName"], "n1");
-        assert_eq!(p["metadata"]["annotations"]["kubernetes.io/config.source"], "file");
+        assert_eq!(
+            p["metadata"]["annotations"]["kubernetes.io/config.source"],
+            "file"
+        );
         let h = p["metadata"]["annotations"][HASH_KEY].clone();
         assert_eq!(p["metadata"]["annotations"][MIRROR_KEY], h);
         // The hash follows the content.
-        let p2 = mirror_pod(Path::new("/m/web.yaml"), &text.replace("busybox", "other"), "n1").unwrap();
+        let p2 = mirror_pod(
+            Path::new("/m/web.yaml"),
+            &text.replace("busybox", "other"),
+            "n1",
+        )
+        .unwrap();
         assert_ne!(p2["metadata"]["annotations"][HASH_KEY], h);
         let err = mirror_pod(Path::new("/m/x.yaml"), "kind: Service\n", "n1").unwrap_err();
         assert!(err.to_string().contains("kind must be Pod"), "{err}");

@@ -194,9 +194,15 @@ fn cond(kind: &str, ok: bool, reason: Option<&str>, message: Option<String>, old
 /// The whole status object to patch onto the pod.
 pub fn pod_status(pod: &Pod, v: &PodView) -> Value {
     let spec = pod.spec.clone().unwrap_or_default();
-    let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+    let policy = spec
+        .restart_policy
+        .clone()
+        .unwrap_or_else(|| "Always".into());
     let phase = phase(&policy, v);
-    let init_done = v.init.iter().all(|c| exited(c) == Some(0) && c.waiting.is_none());
+    let init_done = v
+        .init
+        .iter()
+        .all(|c| exited(c) == Some(0) && c.waiting.is_none());
     let pending_init: Vec<String> = v
         .init
         .iter()
@@ -211,7 +217,13 @@ pub fn pod_status(pod: &Pod, v: &PodView) -> Value {
         .collect();
     let terminal = phase == "Succeeded" || phase == "Failed";
     let mut conditions = vec![];
-    conditions.push(cond("PodReadyToStartContainers", v.sandbox_ready, None, None, pod));
+    conditions.push(cond(
+        "PodReadyToStartContainers",
+        v.sandbox_ready,
+        None,
+        None,
+        pod,
+    ));
     conditions.push(if init_done {
         cond("Initialized", true, None, None, pod)
     } else {
@@ -219,7 +231,10 @@ pub fn pod_status(pod: &Pod, v: &PodView) -> Value {
             "Initialized",
             false,
             Some("ContainersNotInitialized"),
-            Some(format!("containers with incomplete status: [{}]", pending_init.join(" "))),
+            Some(format!(
+                "containers with incomplete status: [{}]",
+                pending_init.join(" ")
+            )),
             pod,
         )
     });
@@ -231,7 +246,10 @@ pub fn pod_status(pod: &Pod, v: &PodView) -> Value {
         (
             false,
             Some("ContainersNotReady"),
-            Some(format!("containers with unready status: [{}]", unready.join(" "))),
+            Some(format!(
+                "containers with unready status: [{}]",
+                unready.join(" ")
+            )),
         )
     };
     conditions.push(cond("ContainersReady", ready, reason, message.clone(), pod));
@@ -317,7 +335,10 @@ mod tests {
             Some(("CrashLoopBackOff", "back-off")),
         );
         assert_eq!(phase("Always", &pv(vec![creating.clone()])), "Pending");
-        assert_eq!(phase("Always", &pv(vec![running.clone(), creating])), "Pending");
+        assert_eq!(
+            phase("Always", &pv(vec![running.clone(), creating])),
+            "Pending"
+        );
         assert_eq!(phase("Always", &pv(vec![running])), "Running");
         assert_eq!(phase("Never", &pv(vec![exited0.clone()])), "Succeeded");
         assert_eq!(phase("Never", &pv(vec![exited3.clone()])), "Failed");
@@ -333,7 +354,10 @@ mod tests {
     fn crash_loop_status_shows_last_state_and_restart_count() {
         let v = view(
             Some(st(2, ContainerState::Exited, Some(1))),
-            Some(("CrashLoopBackOff", "back-off 20s restarting failed container=c pod=p_ns(u)")),
+            Some((
+                "CrashLoopBackOff",
+                "back-off 20s restarting failed container=c pod=p_ns(u)",
+            )),
         );
         let s = container_status(&v);
         assert_eq!(s["restartCount"], 2);
@@ -348,19 +372,36 @@ mod tests {
 
     #[test]
     fn readiness_conditions_name_unready_containers() {
-        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]},
-            "status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}})).unwrap();
+        let pod: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]},
+            "status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}}),
+        )
+        .unwrap();
         let mut v = pv(vec![view(Some(st(0, ContainerState::Running, None)), None)]);
         v.sandbox_ready = true;
         let s = pod_status(&pod, &v);
-        let c = |k: &str| s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == k).unwrap().clone();
+        let c = |k: &str| {
+            s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == k)
+                .unwrap()
+                .clone()
+        };
         assert_eq!(c("Ready")["status"], "False");
         assert_eq!(c("Ready")["message"], "containers with unready status: [c]");
         assert_eq!(c("PodScheduled")["status"], "True");
         assert_eq!(c("PodReadyToStartContainers")["status"], "True");
         v.containers[0].ready = true;
         let s = pod_status(&pod, &v);
-        let ready = s["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+        let ready = s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone();
         assert_eq!(ready["status"], "True");
         assert_eq!(s["phase"], "Running");
     }

@@ -88,7 +88,9 @@ pub fn atomic_write(dir: &Path, files: &Files) -> std::io::Result<bool> {
             let p = data.join(rel);
             match std::fs::read(&p) {
                 Ok(c) if &c == content => {
-                    let m = std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0);
+                    let m = std::fs::metadata(&p)
+                        .map(|m| m.permissions().mode() & 0o7777)
+                        .unwrap_or(0);
                     if m != *mode {
                         same = false;
                     }
@@ -168,9 +170,7 @@ fn b64(s: &str) -> Vec<u8> {
 fn safe_rel(p: &str) -> bool {
     let path = Path::new(p);
     !p.is_empty()
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
+        && path.components().all(|c| matches!(c, Component::Normal(_)))
         && !p.starts_with("..")
 }
 
@@ -205,7 +205,10 @@ pub fn render_keys(
                 if !safe_rel(&it.path) {
                     return Err(format!("invalid path {:?} in {kind} {name:?}", it.path));
                 }
-                out.insert(it.path.clone(), (v.clone(), it.mode.map(|m| m as u32).unwrap_or(default_mode)));
+                out.insert(
+                    it.path.clone(),
+                    (v.clone(), it.mode.map(|m| m as u32).unwrap_or(default_mode)),
+                );
             }
         }
     }
@@ -246,7 +249,11 @@ fn field_value(pod: &Pod, path: &str) -> Result<String, String> {
     })
 }
 
-fn downward_files(pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: u32) -> Result<Files, String> {
+fn downward_files(
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: u32,
+) -> Result<Files, String> {
     let mut out = Files::new();
     for it in items {
         if !safe_rel(&it.path) {
@@ -258,13 +265,23 @@ fn downward_files(pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: u32)
             let c = pod
                 .spec
                 .as_ref()
-                .and_then(|s| s.containers.iter().find(|c| Some(&c.name) == r.container_name.as_ref()))
+                .and_then(|s| {
+                    s.containers
+                        .iter()
+                        .find(|c| Some(&c.name) == r.container_name.as_ref())
+                })
                 .cloned()
                 .unwrap_or_default();
             let res = c.resources.unwrap_or_default();
             let (which, name) = r.resource.split_once('.').unwrap_or(("limits", "cpu"));
-            let map = if which == "limits" { res.limits } else { res.requests };
-            let q = map.and_then(|m| m.get(name).map(|q| q.0.clone())).unwrap_or_else(|| "0".into());
+            let map = if which == "limits" {
+                res.limits
+            } else {
+                res.requests
+            };
+            let q = map
+                .and_then(|m| m.get(name).map(|q| q.0.clone()))
+                .unwrap_or_else(|| "0".into());
             let v = crate::controllers::quantity::parse_milli(&q).unwrap_or(0);
             let d = r
                 .divisor
@@ -276,13 +293,24 @@ fn downward_files(pod: &Pod, items: &[DownwardAPIVolumeFile], default_mode: u32)
         } else {
             continue;
         };
-        out.insert(it.path.clone(), (value.into_bytes(), it.mode.map(|m| m as u32).unwrap_or(default_mode)));
+        out.insert(
+            it.path.clone(),
+            (
+                value.into_bytes(),
+                it.mode.map(|m| m as u32).unwrap_or(default_mode),
+            ),
+        );
     }
     Ok(out)
 }
 
 impl VolumeManager {
-    pub fn new(client: RestClient, pods_dir: PathBuf, local_path_dir: PathBuf, node_name: String) -> VolumeManager {
+    pub fn new(
+        client: RestClient,
+        pods_dir: PathBuf,
+        local_path_dir: PathBuf,
+        node_name: String,
+    ) -> VolumeManager {
         VolumeManager {
             client,
             pods_dir,
@@ -309,28 +337,50 @@ impl VolumeManager {
         if !p.exists() {
             std::fs::create_dir_all(&p).map_err(|e| VolumeError::Io(p.display().to_string(), e))?;
         }
-        let real = std::fs::canonicalize(&p).map_err(|e| VolumeError::Io(p.display().to_string(), e))?;
-        let root = std::fs::canonicalize(base).map_err(|e| VolumeError::Io(base.display().to_string(), e))?;
+        let real =
+            std::fs::canonicalize(&p).map_err(|e| VolumeError::Io(p.display().to_string(), e))?;
+        let root = std::fs::canonicalize(base)
+            .map_err(|e| VolumeError::Io(base.display().to_string(), e))?;
         if !real.starts_with(&root) {
-            return Err(VolumeError::Invalid(format!("subPath {sub:?} leaves the volume")));
+            return Err(VolumeError::Invalid(format!(
+                "subPath {sub:?} leaves the volume"
+            )));
         }
         Ok(real)
     }
 
     async fn get_obj(&self, ns: &str, kind: &str, name: &str) -> Result<Option<Value>, String> {
-        match self.client.get(&format!("/api/v1/namespaces/{ns}/{kind}/{name}")).await {
+        match self
+            .client
+            .get(&format!("/api/v1/namespaces/{ns}/{kind}/{name}"))
+            .await
+        {
             Ok(v) => Ok(Some(v)),
             Err(e) if status_code(&e) == Some(404) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     }
 
-    async fn data_of(&self, ns: &str, kind: &str, name: &str) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
-        let Some(obj) = self.get_obj(ns, kind, name).await? else { return Ok(None) };
+    async fn data_of(
+        &self,
+        ns: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+        let Some(obj) = self.get_obj(ns, kind, name).await? else {
+            return Ok(None);
+        };
         let mut m = BTreeMap::new();
         for (k, v) in obj["data"].as_object().cloned().unwrap_or_default() {
             let s = v.as_str().unwrap_or_default();
-            m.insert(k, if kind == "secrets" { b64(s) } else { s.as_bytes().to_vec() });
+            m.insert(
+                k,
+                if kind == "secrets" {
+                    b64(s)
+                } else {
+                    s.as_bytes().to_vec()
+                },
+            );
         }
         if kind == "configmaps" {
             for (k, v) in obj["binaryData"].as_object().cloned().unwrap_or_default() {
@@ -340,7 +390,13 @@ impl VolumeManager {
         Ok(Some(m))
     }
 
-    async fn token(&self, pod: &Pod, key: &str, audience: Option<String>, expiration: i64) -> Result<String, String> {
+    async fn token(
+        &self,
+        pod: &Pod,
+        key: &str,
+        audience: Option<String>,
+        expiration: i64,
+    ) -> Result<String, String> {
         if let Some(t) = self.tokens.lock().get(key) {
             if Instant::now() < t.refresh_at {
                 return Ok(t.token.clone());
@@ -368,7 +424,10 @@ impl VolumeManager {
             )
             .await
             .map_err(|e| format!("failed to fetch token: {e}"))?;
-        let token = resp["status"]["token"].as_str().unwrap_or_default().to_string();
+        let token = resp["status"]["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let secs = expiration.max(600) as u64;
         self.tokens.lock().insert(
             key.to_string(),
@@ -387,7 +446,10 @@ impl VolumeManager {
             let mode = c.default_mode.unwrap_or(0o644) as u32;
             let optional = c.optional.unwrap_or(false);
             return match self.data_of(&ns, "configmaps", &c.name).await? {
-                Some(d) => Ok(Some(("configMap", render_keys(&d, &c.items, mode, "configmap", &c.name, optional)?))),
+                Some(d) => Ok(Some((
+                    "configMap",
+                    render_keys(&d, &c.items, mode, "configmap", &c.name, optional)?,
+                ))),
                 None if optional => Ok(Some(("configMap", Files::new()))),
                 None => Err(format!("configmap {:?} not found", c.name)),
             };
@@ -397,14 +459,20 @@ impl VolumeManager {
             let mode = s.default_mode.unwrap_or(0o644) as u32;
             let optional = s.optional.unwrap_or(false);
             return match self.data_of(&ns, "secrets", &name).await? {
-                Some(d) => Ok(Some(("secret", render_keys(&d, &s.items, mode, "secret", &name, optional)?))),
+                Some(d) => Ok(Some((
+                    "secret",
+                    render_keys(&d, &s.items, mode, "secret", &name, optional)?,
+                ))),
                 None if optional => Ok(Some(("secret", Files::new()))),
                 None => Err(format!("secret {name:?} not found")),
             };
         }
         if let Some(d) = &v.downward_api {
             let mode = d.default_mode.unwrap_or(0o644) as u32;
-            return Ok(Some(("downwardAPI", downward_files(pod, d.items.as_deref().unwrap_or_default(), mode)?)));
+            return Ok(Some((
+                "downwardAPI",
+                downward_files(pod, d.items.as_deref().unwrap_or_default(), mode)?,
+            )));
         }
         if let Some(p) = &v.projected {
             let mode = p.default_mode.unwrap_or(0o644) as u32;
@@ -413,7 +481,14 @@ impl VolumeManager {
                 if let Some(c) = &src.config_map {
                     let optional = c.optional.unwrap_or(false);
                     match self.data_of(&ns, "configmaps", &c.name).await? {
-                        Some(d) => files.extend(render_keys(&d, &c.items, mode, "configmap", &c.name, optional)?),
+                        Some(d) => files.extend(render_keys(
+                            &d,
+                            &c.items,
+                            mode,
+                            "configmap",
+                            &c.name,
+                            optional,
+                        )?),
                         None if optional => {}
                         None => return Err(format!("configmap {:?} not found", c.name)),
                     }
@@ -421,13 +496,19 @@ impl VolumeManager {
                 if let Some(s) = &src.secret {
                     let optional = s.optional.unwrap_or(false);
                     match self.data_of(&ns, "secrets", &s.name).await? {
-                        Some(d) => files.extend(render_keys(&d, &s.items, mode, "secret", &s.name, optional)?),
+                        Some(d) => files.extend(render_keys(
+                            &d, &s.items, mode, "secret", &s.name, optional,
+                        )?),
                         None if optional => {}
                         None => return Err(format!("secret {:?} not found", s.name)),
                     }
                 }
                 if let Some(d) = &src.downward_api {
-                    files.extend(downward_files(pod, d.items.as_deref().unwrap_or_default(), mode)?);
+                    files.extend(downward_files(
+                        pod,
+                        d.items.as_deref().unwrap_or_default(),
+                        mode,
+                    )?);
                 }
                 if let Some(t) = &src.service_account_token {
                     let key = format!(
@@ -437,7 +518,12 @@ impl VolumeManager {
                         t.path
                     );
                     let token = self
-                        .token(pod, &key, t.audience.clone(), t.expiration_seconds.unwrap_or(3607))
+                        .token(
+                            pod,
+                            &key,
+                            t.audience.clone(),
+                            t.expiration_seconds.unwrap_or(3607),
+                        )
                         .await?;
                     files.insert(t.path.clone(), (token.into_bytes(), mode));
                 }
@@ -453,7 +539,10 @@ impl VolumeManager {
             .get_obj(&ns, "persistentvolumeclaims", claim)
             .await?
             .ok_or_else(|| format!("persistentvolumeclaim {claim:?} not found"))?;
-        let pv_name = pvc["spec"]["volumeName"].as_str().unwrap_or_default().to_string();
+        let pv_name = pvc["spec"]["volumeName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if pv_name.is_empty() || pvc["status"]["phase"] != "Bound" {
             return Err(format!("unbound immediate PersistentVolumeClaims: persistentvolumeclaim {claim:?} is not bound"));
         }
@@ -469,7 +558,8 @@ impl VolumeManager {
             .to_string();
         let mut p = PathBuf::from(&path);
         // local-path volumes live under this node's storage directory.
-        if pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == "k3rs.io/local-path" {
+        if pv["metadata"]["annotations"]["pv.kubernetes.io/provisioned-by"] == "k3rs.io/local-path"
+        {
             if let Some(name) = Path::new(&path).file_name() {
                 if !p.starts_with(&self.local_path_dir) {
                     p = self.local_path_dir.join(name);
@@ -482,7 +572,9 @@ impl VolumeManager {
     }
 
     fn host_path(v: &Volume) -> Result<Option<PathBuf>, String> {
-        let Some(h) = &v.host_path else { return Ok(None) };
+        let Some(h) = &v.host_path else {
+            return Ok(None);
+        };
         let p = PathBuf::from(&h.path);
         let t = h.type_.clone().unwrap_or_default();
         let md = std::fs::metadata(&p);
@@ -490,13 +582,17 @@ impl VolumeManager {
         match t.as_str() {
             "DirectoryOrCreate" => {
                 if md.is_err() {
-                    std::fs::create_dir_all(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+                    std::fs::create_dir_all(&p)
+                        .map_err(|e| format!("creating {}: {e}", p.display()))?;
                     let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
                 }
             }
             "Directory" => {
                 if !md.as_ref().is_ok_and(|m| m.is_dir()) {
-                    return Err(format!("hostPath type check failed: {} is not a directory", h.path));
+                    return Err(format!(
+                        "hostPath type check failed: {} is not a directory",
+                        h.path
+                    ));
                 }
             }
             "FileOrCreate" => {
@@ -504,32 +600,46 @@ impl VolumeManager {
                     if let Some(parent) = p.parent() {
                         let _ = std::fs::create_dir_all(parent);
                     }
-                    std::fs::write(&p, b"").map_err(|e| format!("creating {}: {e}", p.display()))?;
+                    std::fs::write(&p, b"")
+                        .map_err(|e| format!("creating {}: {e}", p.display()))?;
                 }
             }
             "File" => {
                 if !md.as_ref().is_ok_and(|m| m.is_file()) {
-                    return Err(format!("hostPath type check failed: {} is not a file", h.path));
+                    return Err(format!(
+                        "hostPath type check failed: {} is not a file",
+                        h.path
+                    ));
                 }
             }
             "Socket" => {
                 if !md.as_ref().is_ok_and(|m| m.file_type().is_socket()) {
-                    return Err(format!("hostPath type check failed: {} is not a socket file", h.path));
+                    return Err(format!(
+                        "hostPath type check failed: {} is not a socket file",
+                        h.path
+                    ));
                 }
             }
             "CharDevice" => {
                 if !md.as_ref().is_ok_and(|m| m.file_type().is_char_device()) {
-                    return Err(format!("hostPath type check failed: {} is not a character device", h.path));
+                    return Err(format!(
+                        "hostPath type check failed: {} is not a character device",
+                        h.path
+                    ));
                 }
             }
             "BlockDevice" => {
                 if !md.as_ref().is_ok_and(|m| m.file_type().is_block_device()) {
-                    return Err(format!("hostPath type check failed: {} is not a block device", h.path));
+                    return Err(format!(
+                        "hostPath type check failed: {} is not a block device",
+                        h.path
+                    ));
                 }
             }
             _ => {
                 if md.is_err() {
-                    std::fs::create_dir_all(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+                    std::fs::create_dir_all(&p)
+                        .map_err(|e| format!("creating {}: {e}", p.display()))?;
                 }
             }
         }
@@ -539,7 +649,12 @@ impl VolumeManager {
     /// Prepares every volume; returns volume name → host path.
     pub async fn setup(&self, pod: &Pod) -> Result<BTreeMap<String, PathBuf>, VolumeError> {
         let mut out = BTreeMap::new();
-        for v in pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default() {
+        for v in pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default()
+        {
             if let Some(e) = &v.empty_dir {
                 let d = self.dir(pod, "emptyDir", &v.name);
                 std::fs::create_dir_all(&d).map_err(|e| setup_err(&v.name, e.to_string()))?;
@@ -551,14 +666,25 @@ impl VolumeManager {
                         .and_then(|q| crate::controllers::quantity::parse_bytes(&q.0))
                         .map(|b| format!(",size={b}"))
                         .unwrap_or_default();
-                    let opts = std::ffi::CString::new(format!("mode=1777{size}")).unwrap_or_default();
-                    let target = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).unwrap_or_default();
+                    let opts =
+                        std::ffi::CString::new(format!("mode=1777{size}")).unwrap_or_default();
+                    let target = std::ffi::CString::new(d.as_os_str().as_encoded_bytes())
+                        .unwrap_or_default();
                     // SAFETY: mounting a tmpfs on the pod's own emptyDir directory.
                     let rc = unsafe {
-                        libc::mount(c"tmpfs".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, opts.as_ptr().cast())
+                        libc::mount(
+                            c"tmpfs".as_ptr(),
+                            target.as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV,
+                            opts.as_ptr().cast(),
+                        )
                     };
                     if rc != 0 {
-                        return Err(setup_err(&v.name, format!("mounting tmpfs: {}", std::io::Error::last_os_error())));
+                        return Err(setup_err(
+                            &v.name,
+                            format!("mounting tmpfs: {}", std::io::Error::last_os_error()),
+                        ));
                     }
                 }
                 out.insert(v.name.clone(), d);
@@ -587,7 +713,10 @@ impl VolumeManager {
                     out.insert(v.name.clone(), d);
                 }
                 Ok(None) => {
-                    return Err(setup_err(&v.name, "this volume type is not supported by k3rs yet"));
+                    return Err(setup_err(
+                        &v.name,
+                        "this volume type is not supported by k3rs yet",
+                    ));
                 }
                 Err(e) => return Err(setup_err(&v.name, e)),
             }
@@ -597,7 +726,12 @@ impl VolumeManager {
 
     /// Re-writes configMap/secret/downwardAPI/projected volumes whose content changed.
     pub async fn refresh(&self, pod: &Pod) -> Result<(), VolumeError> {
-        for v in pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default() {
+        for v in pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default()
+        {
             match self.render(pod, &v).await {
                 Ok(Some((kind, files))) => {
                     let d = self.dir(pod, kind, &v.name);
@@ -621,7 +755,9 @@ impl VolumeManager {
                 }
             }
         }
-        self.tokens.lock().retain(|k, _| !k.starts_with(&format!("{pod_uid}/")));
+        self.tokens
+            .lock()
+            .retain(|k, _| !k.starts_with(&format!("{pod_uid}/")));
         match std::fs::remove_dir_all(&base) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -644,8 +780,18 @@ mod tests {
         assert!(atomic_write(&dir, &files).unwrap());
         assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
         assert_eq!(std::fs::read_to_string(dir.join("sub/b")).unwrap(), "2");
-        assert_eq!(std::fs::metadata(dir.join("sub/b")).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(!atomic_write(&dir, &files).unwrap(), "unchanged content is not rewritten");
+        assert_eq!(
+            std::fs::metadata(dir.join("sub/b"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(
+            !atomic_write(&dir, &files).unwrap(),
+            "unchanged content is not rewritten"
+        );
         files.insert("a".into(), (b"3".to_vec(), 0o644));
         files.remove("sub/b");
         assert!(atomic_write(&dir, &files).unwrap());
@@ -667,15 +813,29 @@ mod tests {
         let mut data = BTreeMap::new();
         data.insert("k1".to_string(), b"v1".to_vec());
         data.insert("k2".to_string(), b"v2".to_vec());
-        let items: Option<Vec<KeyToPath>> = Some(vec![KeyToPath { key: "k2".into(), path: "dir/two".into(), mode: Some(0o400) }]);
+        let items: Option<Vec<KeyToPath>> = Some(vec![KeyToPath {
+            key: "k2".into(),
+            path: "dir/two".into(),
+            mode: Some(0o400),
+        }]);
         let f = render_keys(&data, &items, 0o644, "configmap", "c", false).unwrap();
         assert_eq!(f.len(), 1);
         assert_eq!(f["dir/two"], (b"v2".to_vec(), 0o400));
-        let bad: Option<Vec<KeyToPath>> = Some(vec![KeyToPath { key: "k2".into(), path: "../x".into(), mode: None }]);
+        let bad: Option<Vec<KeyToPath>> = Some(vec![KeyToPath {
+            key: "k2".into(),
+            path: "../x".into(),
+            mode: None,
+        }]);
         assert!(render_keys(&data, &bad, 0o644, "configmap", "c", false).is_err());
-        let missing: Option<Vec<KeyToPath>> = Some(vec![KeyToPath { key: "nope".into(), path: "x".into(), mode: None }]);
+        let missing: Option<Vec<KeyToPath>> = Some(vec![KeyToPath {
+            key: "nope".into(),
+            path: "x".into(),
+            mode: None,
+        }]);
         assert!(render_keys(&data, &missing, 0o644, "configmap", "c", false).is_err());
-        assert!(render_keys(&data, &missing, 0o644, "configmap", "c", true).unwrap().is_empty());
+        assert!(render_keys(&data, &missing, 0o644, "configmap", "c", true)
+            .unwrap()
+            .is_empty());
         assert!(VolumeManager::sub_path(Path::new("/tmp"), "../etc").is_err());
     }
 }

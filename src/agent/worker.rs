@@ -113,7 +113,8 @@ impl Worker {
             if let Some(st) = &p.status {
                 for cs in st.container_statuses.iter().flatten() {
                     if let Some(id) = &cs.container_id {
-                        initial_ready.insert(id.trim_start_matches("k3rs://").to_string(), cs.ready);
+                        initial_ready
+                            .insert(id.trim_start_matches("k3rs://").to_string(), cs.ready);
                     }
                 }
                 if let Some(t) = &st.start_time {
@@ -171,7 +172,8 @@ impl Worker {
             let pod = self.rx.borrow_and_update().clone();
             match pod {
                 None => {
-                    self.terminate(last.as_deref(), Some(Duration::from_secs(2))).await;
+                    self.terminate(last.as_deref(), Some(Duration::from_secs(2)))
+                        .await;
                     break;
                 }
                 Some(p) if p.metadata.deletion_timestamp.is_some() => {
@@ -249,11 +251,42 @@ impl Worker {
                 .get()
                 .ok_or_else(|| "pod network not ready".to_string())?;
             net.attach(&self.uid, &netns).await.map_err(|e| {
-                format!("failed to set up sandbox network for pod {:?}: {e}", pod_key(pod))
+                format!(
+                    "failed to set up sandbox network for pod {:?}: {e}",
+                    pod_key(pod)
+                )
             })?
         };
         self.shim = Some(shim);
         self.pod_ip = Some(ip);
+        if !host_network {
+            let mut maps = Vec::new();
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
+                for p in c.ports.iter().flatten() {
+                    let Some(hp) = p.host_port.filter(|h| *h > 0) else {
+                        continue;
+                    };
+                    maps.push(k3rs_net::HostPortMapping {
+                        host_ip: p.host_ip.as_deref().and_then(|h| h.parse().ok()),
+                        host_port: hp as u16,
+                        protocol: match p.protocol.as_deref() {
+                            Some("UDP") => k3rs_net::Protocol::Udp,
+                            Some("SCTP") => k3rs_net::Protocol::Sctp,
+                            _ => k3rs_net::Protocol::Tcp,
+                        },
+                        pod_ip: ip,
+                        container_port: p.container_port as u16,
+                    });
+                }
+            }
+            if !maps.is_empty() {
+                self.agent.set_host_ports(&self.uid, maps).await;
+            }
+        }
         self.agent.pod_ip.lock().insert(self.uid.clone(), ip);
         // Per-pod /etc/hosts, resolv.conf, hostname.
         let dir = self.pod_dir();
@@ -305,14 +338,18 @@ impl Worker {
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default();
-        if self.terminal_done || (self.shim.is_none() && (phase == "Succeeded" || phase == "Failed")) {
+        if self.terminal_done
+            || (self.shim.is_none() && (phase == "Succeeded" || phase == "Failed"))
+        {
             // Nothing runs for a finished pod; wait for its deletion.
             self.terminal_done = true;
             return Ok(Duration::from_secs(3600));
         }
         let evict = self.evict.lock().take();
         if let Some(msg) = evict {
-            self.agent.events.record(&involved(pod, None), true, "Evicted", msg.clone());
+            self.agent
+                .events
+                .record(&involved(pod, None), true, "Evicted", msg.clone());
             self.forced = Some(("Failed".into(), "Evicted".into(), msg));
             if let Some(shim) = self.shim.clone() {
                 for c in shim.list().await.unwrap_or_default() {
@@ -329,7 +366,12 @@ impl Worker {
             return Ok(Duration::from_secs(3600));
         }
         if let Err(msg) = self.ensure_sandbox(pod).await {
-            self.agent.events.record(&involved(pod, None), true, "FailedCreatePodSandBox", msg.clone());
+            self.agent.events.record(
+                &involved(pod, None),
+                true,
+                "FailedCreatePodSandBox",
+                msg.clone(),
+            );
             self.post_status(pod, &[]).await;
             return Ok(Duration::from_secs(5));
         }
@@ -340,7 +382,12 @@ impl Worker {
                     self.volumes_refreshed = Instant::now();
                 }
                 Err(e) => {
-                    self.agent.events.record(&involved(pod, None), true, "FailedMount", e.to_string());
+                    self.agent.events.record(
+                        &involved(pod, None),
+                        true,
+                        "FailedMount",
+                        e.to_string(),
+                    );
                     self.post_status(pod, &[]).await;
                     return Ok(Duration::from_secs(2));
                 }
@@ -354,7 +401,10 @@ impl Worker {
         let shim = self.shim.clone().ok_or("no sandbox")?;
         let list = shim.list().await.map_err(|e| e.to_string())?;
         let have = by_name(&list);
-        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
         let mut next = Duration::from_secs(1);
 
         // Init containers, in order.
@@ -391,8 +441,11 @@ impl Worker {
                 let latest = have.get(&c.name).and_then(|v| v.last().cloned());
                 match latest {
                     None => {
-                        if self.waiting.get(&c.name).is_none_or(|(r, _)| r != "ErrImagePull" && r != "ImagePullBackOff" && r != "CreateContainerConfigError")
-                            || self.image_backoff_over(c)
+                        if self.waiting.get(&c.name).is_none_or(|(r, _)| {
+                            r != "ErrImagePull"
+                                && r != "ImagePullBackOff"
+                                && r != "CreateContainerConfigError"
+                        }) || self.image_backoff_over(c)
                         {
                             self.start_container(pod, c, 0, &shim).await;
                         } else if let Some((r, _)) = self.waiting.get(&c.name).cloned() {
@@ -440,7 +493,10 @@ impl Worker {
         let list = shim.list().await.map_err(|e| e.to_string())?;
         self.post_status(pod, &list).await;
         // A finished pod frees its sandbox (the statuses are in the API).
-        let st = self.last_posted.as_ref().and_then(|s| s["phase"].as_str().map(String::from));
+        let st = self
+            .last_posted
+            .as_ref()
+            .and_then(|s| s["phase"].as_str().map(String::from));
         if matches!(st.as_deref(), Some("Succeeded") | Some("Failed")) {
             self.release_sandbox(pod).await;
             self.terminal_done = true;
@@ -457,6 +513,13 @@ impl Worker {
 
     fn image_backoff_waiting(&mut self, pod: &Pod, c: &Container) {
         let img = c.image.clone().unwrap_or_default();
+        // ErrImagePull stays visible for a moment after the failure, as upstream's next sync
+        // comes a little later.
+        if let Some((until, delay, _)) = self.image_backoff.get(&img) {
+            if Instant::now() < *until - *delay + Duration::from_secs(3) {
+                return;
+            }
+        }
         let msg = format!("Back-off pulling image {img:?}");
         if self.waiting.get(&c.name).map(|(r, _)| r.as_str()) != Some("ImagePullBackOff") {
             self.agent.events.record(
@@ -467,10 +530,17 @@ impl Worker {
             );
         }
         let _ = &msg;
-        self.waiting.insert(c.name.clone(), ("ImagePullBackOff".into(), msg));
+        self.waiting
+            .insert(c.name.clone(), ("ImagePullBackOff".into(), msg));
     }
 
-    async fn restart_or_backoff(&mut self, pod: &Pod, c: &Container, s: &ContainerStatus, shim: &ShimClient) {
+    async fn restart_or_backoff(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        s: &ContainerStatus,
+        shim: &ShimClient,
+    ) {
         let now = Instant::now();
         match self.backoff.get(&c.name).cloned() {
             Some((until, delay)) if now < until => {
@@ -485,10 +555,12 @@ impl Worker {
                         &involved(pod, Some(format!("spec.containers{{{}}}", c.name))),
                         true,
                         "BackOff",
-                        "Back-off restarting failed container".to_string() + &format!(" {} in pod {}", c.name, pod_key(pod)),
+                        "Back-off restarting failed container".to_string()
+                            + &format!(" {} in pod {}", c.name, pod_key(pod)),
                     );
                 }
-                self.waiting.insert(c.name.clone(), ("CrashLoopBackOff".into(), msg));
+                self.waiting
+                    .insert(c.name.clone(), ("CrashLoopBackOff".into(), msg));
             }
             prev => {
                 let delay = match prev {
@@ -506,23 +578,45 @@ impl Worker {
         }
     }
 
-    async fn resolve_image(&mut self, pod: &Pod, c: &Container) -> Result<ImageRecord, (String, String)> {
+    async fn resolve_image(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+    ) -> Result<ImageRecord, (String, String)> {
         let image = c.image.clone().unwrap_or_default();
         let inv = involved(pod, Some(format!("spec.containers{{{}}}", c.name)));
-        let reference = k3rs_runtime::images::normalize_reference(&image)
-            .map_err(|e| ("InvalidImageName".to_string(), format!("Failed to apply default image tag {image:?}: {e}")))?;
+        let reference = k3rs_runtime::images::normalize_reference(&image).map_err(|e| {
+            (
+                "InvalidImageName".to_string(),
+                format!("Failed to apply default image tag {image:?}: {e}"),
+            )
+        })?;
         let policy = c.image_pull_policy.clone().unwrap_or_else(|| {
-            if reference.ends_with(":latest") { "Always".into() } else { "IfNotPresent".into() }
+            if reference.ends_with(":latest") {
+                "Always".into()
+            } else {
+                "IfNotPresent".into()
+            }
         });
         let local = self.agent.images.get(&reference);
         let airgap = self.agent.airgap_images.lock().contains(&reference);
         match (policy.as_str(), local) {
             ("Never", Some(l)) | ("IfNotPresent", Some(l)) => {
-                self.agent.events.record(&inv, false, "Pulled", format!("Container image {image:?} already present on machine"));
+                self.agent.events.record(
+                    &inv,
+                    false,
+                    "Pulled",
+                    format!("Container image {image:?} already present on machine"),
+                );
                 return Ok(l);
             }
             ("Always", Some(l)) if airgap => {
-                self.agent.events.record(&inv, false, "Pulled", format!("Container image {image:?} already present on machine (imported)"));
+                self.agent.events.record(
+                    &inv,
+                    false,
+                    "Pulled",
+                    format!("Container image {image:?} already present on machine (imported)"),
+                );
                 return Ok(l);
             }
             ("Never", None) => {
@@ -544,10 +638,17 @@ impl Worker {
                 return Ok(l);
             }
         }
-        self.agent.events.record(&inv, false, "Pulling", format!("Pulling image {image:?}"));
+        self.agent
+            .events
+            .record(&inv, false, "Pulling", format!("Pulling image {image:?}"));
         let started = Instant::now();
         let auth = self.pull_auth(pod).await;
-        match self.agent.images.pull(&reference, &auth, &self.agent.registries).await {
+        match self
+            .agent
+            .images
+            .pull(&reference, &auth, &self.agent.registries)
+            .await
+        {
             Ok(rec) => {
                 self.agent.events.record(
                     &inv,
@@ -565,7 +666,9 @@ impl Worker {
             Err(e) => {
                 let msg = format!("Failed to pull image {image:?}: {e}");
                 self.agent.events.record(&inv, true, "Failed", msg.clone());
-                self.agent.events.record(&inv, true, "Failed", "Error: ErrImagePull".into());
+                self.agent
+                    .events
+                    .record(&inv, true, "Failed", "Error: ErrImagePull".into());
                 Err(("ErrImagePull".into(), msg))
             }
         }
@@ -644,7 +747,10 @@ impl Worker {
                 vars.insert(k.into(), v);
             }
         }
-        let set = |out: &mut Vec<(String, String)>, vars: &mut HashMap<String, String>, k: String, v: String| {
+        let set = |out: &mut Vec<(String, String)>,
+                   vars: &mut HashMap<String, String>,
+                   k: String,
+                   v: String| {
             vars.insert(k.clone(), v.clone());
             if let Some(e) = out.iter_mut().find(|(ok, _)| *ok == k) {
                 e.1 = v;
@@ -666,12 +772,23 @@ impl Worker {
                 if optional {
                     continue;
                 }
-                return Err(format!("{} {name:?} not found", if kind == "configmaps" { "configmap" } else { "secret" }));
+                return Err(format!(
+                    "{} {name:?} not found",
+                    if kind == "configmaps" {
+                        "configmap"
+                    } else {
+                        "secret"
+                    }
+                ));
             };
             if let Some(data) = obj["data"].as_object() {
                 for (k, v) in data {
                     let v = v.as_str().unwrap_or_default();
-                    let v = if kind == "secrets" { decode_b64(v) } else { v.to_string() };
+                    let v = if kind == "secrets" {
+                        decode_b64(v)
+                    } else {
+                        v.to_string()
+                    };
                     set(&mut out, &mut vars, format!("{prefix}{k}"), v);
                 }
             }
@@ -682,19 +799,39 @@ impl Worker {
             } else if let Some(vf) = &e.value_from {
                 if let Some(r) = &vf.config_map_key_ref {
                     let obj = get(client, &mut cache, &ns, "configmaps", r.name.clone()).await;
-                    match obj.as_ref().and_then(|o| o["data"][&r.key].as_str().map(String::from)) {
+                    match obj
+                        .as_ref()
+                        .and_then(|o| o["data"][&r.key].as_str().map(String::from))
+                    {
                         Some(v) => v,
                         None if r.optional.unwrap_or(false) => continue,
-                        None if obj.is_none() => return Err(format!("configmap {:?} not found", r.name)),
-                        None => return Err(format!("couldn't find key {} in ConfigMap {}/{}", r.key, ns, r.name)),
+                        None if obj.is_none() => {
+                            return Err(format!("configmap {:?} not found", r.name))
+                        }
+                        None => {
+                            return Err(format!(
+                                "couldn't find key {} in ConfigMap {}/{}",
+                                r.key, ns, r.name
+                            ))
+                        }
                     }
                 } else if let Some(r) = &vf.secret_key_ref {
                     let obj = get(client, &mut cache, &ns, "secrets", r.name.clone()).await;
-                    match obj.as_ref().and_then(|o| o["data"][&r.key].as_str().map(decode_b64)) {
+                    match obj
+                        .as_ref()
+                        .and_then(|o| o["data"][&r.key].as_str().map(decode_b64))
+                    {
                         Some(v) => v,
                         None if r.optional.unwrap_or(false) => continue,
-                        None if obj.is_none() => return Err(format!("secret {:?} not found", r.name)),
-                        None => return Err(format!("couldn't find key {} in Secret {}/{}", r.key, ns, r.name)),
+                        None if obj.is_none() => {
+                            return Err(format!("secret {:?} not found", r.name))
+                        }
+                        None => {
+                            return Err(format!(
+                                "couldn't find key {} in Secret {}/{}",
+                                r.key, ns, r.name
+                            ))
+                        }
                     }
                 } else if let Some(f) = &vf.field_ref {
                     self.field_value(pod, &f.field_path)?
@@ -714,7 +851,9 @@ impl Worker {
     fn field_value(&self, pod: &Pod, path: &str) -> Result<String, String> {
         let m = &pod.metadata;
         let label = |map: &Option<BTreeMap<String, String>>, key: &str| {
-            map.as_ref().and_then(|m| m.get(key).cloned()).unwrap_or_default()
+            map.as_ref()
+                .and_then(|m| m.get(key).cloned())
+                .unwrap_or_default()
         };
         let ip = self.pod_ip.map(|i| i.to_string()).unwrap_or_default();
         Ok(match path {
@@ -728,11 +867,16 @@ impl Worker {
             p if p.starts_with("metadata.labels['") && p.ends_with("']") => {
                 label(&m.labels, &p["metadata.labels['".len()..p.len() - 2])
             }
-            p if p.starts_with("metadata.annotations['") && p.ends_with("']") => {
-                label(&m.annotations, &p["metadata.annotations['".len()..p.len() - 2])
-            }
+            p if p.starts_with("metadata.annotations['") && p.ends_with("']") => label(
+                &m.annotations,
+                &p["metadata.annotations['".len()..p.len() - 2],
+            ),
             "metadata.labels" | "metadata.annotations" => {
-                let map = if path == "metadata.labels" { &m.labels } else { &m.annotations };
+                let map = if path == "metadata.labels" {
+                    &m.labels
+                } else {
+                    &m.annotations
+                };
                 map.clone()
                     .unwrap_or_default()
                     .iter()
@@ -758,8 +902,10 @@ impl Worker {
                     Some((_, d, _)) => (*d * 2).min(BACKOFF_MAX),
                     None => BACKOFF_INITIAL,
                 };
-                self.image_backoff
-                    .insert(image_key.clone(), (Instant::now() + delay, delay, msg.clone()));
+                self.image_backoff.insert(
+                    image_key.clone(),
+                    (Instant::now() + delay, delay, msg.clone()),
+                );
                 self.waiting.insert(c.name.clone(), (reason, msg));
                 return;
             }
@@ -770,19 +916,28 @@ impl Worker {
         let layers = match tokio::task::spawn_blocking(move || store.layer_dirs(&img2)).await {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => {
-                self.waiting.insert(c.name.clone(), ("CreateContainerError".into(), e.to_string()));
+                self.waiting.insert(
+                    c.name.clone(),
+                    ("CreateContainerError".into(), e.to_string()),
+                );
                 return;
             }
             Err(e) => {
-                self.waiting.insert(c.name.clone(), ("CreateContainerError".into(), e.to_string()));
+                self.waiting.insert(
+                    c.name.clone(),
+                    ("CreateContainerError".into(), e.to_string()),
+                );
                 return;
             }
         };
         let env = match self.resolve_env(pod, c).await {
             Ok(e) => e,
             Err(msg) => {
-                self.agent.events.record(&inv, true, "Failed", format!("Error: {msg}"));
-                self.waiting.insert(c.name.clone(), ("CreateContainerConfigError".into(), msg));
+                self.agent
+                    .events
+                    .record(&inv, true, "Failed", format!("Error: {msg}"));
+                self.waiting
+                    .insert(c.name.clone(), ("CreateContainerConfigError".into(), msg));
                 return;
             }
         };
@@ -807,16 +962,25 @@ impl Worker {
         ) {
             Ok(c) => c,
             Err(msg) => {
-                self.agent.events.record(&inv, true, "Failed", format!("Error: {msg}"));
-                self.waiting.insert(c.name.clone(), ("CreateContainerConfigError".into(), msg));
+                self.agent
+                    .events
+                    .record(&inv, true, "Failed", format!("Error: {msg}"));
+                self.waiting
+                    .insert(c.name.clone(), ("CreateContainerConfigError".into(), msg));
                 return;
             }
         };
         self.waiting.remove(&c.name);
         match shim.run_container(&cfg).await {
             Ok(st) => {
-                self.agent.events.record(&inv, false, "Created", format!("Created container {}", c.name));
-                if st.state == ContainerState::Exited && st.reason.as_deref() == Some("StartError") {
+                self.agent.events.record(
+                    &inv,
+                    false,
+                    "Created",
+                    format!("Created container {}", c.name),
+                );
+                if st.state == ContainerState::Exited && st.reason.as_deref() == Some("StartError")
+                {
                     self.agent.events.record(
                         &inv,
                         true,
@@ -825,9 +989,17 @@ impl Worker {
                     );
                     return;
                 }
-                self.agent.events.record(&inv, false, "Started", format!("Started container {}", c.name));
+                self.agent.events.record(
+                    &inv,
+                    false,
+                    "Started",
+                    format!("Started container {}", c.name),
+                );
                 if let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref()) {
-                    if let Err(msg) = self.run_hook(pod, c, h, shim, Duration::from_secs(30)).await {
+                    if let Err(msg) = self
+                        .run_hook(pod, c, h, shim, Duration::from_secs(30))
+                        .await
+                    {
                         self.agent.events.record(
                             &inv,
                             true,
@@ -841,8 +1013,11 @@ impl Worker {
             }
             Err(e) => {
                 let msg = e.to_string();
-                self.agent.events.record(&inv, true, "Failed", format!("Error: {msg}"));
-                self.waiting.insert(c.name.clone(), ("CreateContainerError".into(), msg));
+                self.agent
+                    .events
+                    .record(&inv, true, "Failed", format!("Error: {msg}"));
+                self.waiting
+                    .insert(c.name.clone(), ("CreateContainerError".into(), msg));
             }
         }
     }
@@ -890,9 +1065,15 @@ impl Worker {
             let mut r = self.results.lock();
             r.retain(|(n, _), _| *n != c.name);
             let startup_ok = c.startup_probe.is_none() || initial_ready.is_some();
-            r.insert((c.name.clone(), ProbeKind::Startup), (s.id.clone(), startup_ok));
+            r.insert(
+                (c.name.clone(), ProbeKind::Startup),
+                (s.id.clone(), startup_ok),
+            );
             let ready = c.readiness_probe.is_none() || initial_ready == Some(true);
-            r.insert((c.name.clone(), ProbeKind::Readiness), (s.id.clone(), ready));
+            r.insert(
+                (c.name.clone(), ProbeKind::Readiness),
+                (s.id.clone(), ready),
+            );
             r.insert((c.name.clone(), ProbeKind::Liveness), (s.id.clone(), true));
         }
         for (kind, probe) in [
@@ -937,10 +1118,17 @@ impl Worker {
                                 ProbeKind::Readiness => "Readiness",
                                 ProbeKind::Startup => "Startup",
                             };
-                            events.record(&inv, true, "Unhealthy", format!("{what} probe failed: {msg}"));
+                            events.record(
+                                &inv,
+                                true,
+                                "Unhealthy",
+                                format!("{what} probe failed: {msg}"),
+                            );
                         }
                         if let Some(now) = tracker.observe(ok) {
-                            results.lock().insert((container.name.clone(), kind), (id.clone(), now));
+                            results
+                                .lock()
+                                .insert((container.name.clone(), kind), (id.clone(), now));
                             wake.notify_one();
                             if kind == ProbeKind::Startup && now {
                                 // Startup succeeded: it is not run again.
@@ -968,7 +1156,11 @@ impl Worker {
         let startup = c.startup_probe.as_ref();
         let failed_startup = startup.is_some() && {
             // A startup probe that failed its threshold kills the container.
-            let r = self.results.lock().get(&(c.name.clone(), ProbeKind::Startup)).cloned();
+            let r = self
+                .results
+                .lock()
+                .get(&(c.name.clone(), ProbeKind::Startup))
+                .cloned();
             matches!(r, Some((ref i, false)) if *i == s.id) && self.startup_gave_up(c, s)
         };
         if !(failed_live || failed_startup) || self.killing.lock().contains(&s.id) {
@@ -980,9 +1172,17 @@ impl Worker {
             &involved(pod, Some(format!("spec.containers{{{}}}", c.name))),
             false,
             "Killing",
-            format!("Container {} failed {what} probe, will be restarted", c.name),
+            format!(
+                "Container {} failed {what} probe, will be restarted",
+                c.name
+            ),
         );
-        let grace = Duration::from_secs(spec_of(pod).termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+        let grace = Duration::from_secs(
+            spec_of(pod)
+                .termination_grace_period_seconds
+                .unwrap_or(30)
+                .max(0) as u64,
+        );
         let shim = shim.clone();
         let name = c.name.clone();
         let id = s.id.clone();
@@ -999,16 +1199,24 @@ impl Worker {
     }
 
     fn startup_gave_up(&self, c: &Container, s: &ContainerStatus) -> bool {
-        let Some(p) = &c.startup_probe else { return false };
+        let Some(p) = &c.startup_probe else {
+            return false;
+        };
         let budget = p.initial_delay_seconds.unwrap_or(0) as u64
-            + p.period_seconds.unwrap_or(10).max(1) as u64 * p.failure_threshold.unwrap_or(3).max(1) as u64;
+            + p.period_seconds.unwrap_or(10).max(1) as u64
+                * p.failure_threshold.unwrap_or(3).max(1) as u64;
         s.started_at
             .as_deref()
             .and_then(parse_time)
             .is_some_and(|t| jiff::Timestamp::now().duration_since(t).as_secs() as u64 >= budget)
     }
 
-    fn views(&self, pod: &Pod, list: &[ContainerStatus], containers: &[Container]) -> Vec<ContainerView> {
+    fn views(
+        &self,
+        pod: &Pod,
+        list: &[ContainerStatus],
+        containers: &[Container],
+    ) -> Vec<ContainerView> {
         let have = by_name(list);
         containers
             .iter()
@@ -1020,7 +1228,9 @@ impl Worker {
                 } else {
                     None
                 };
-                let running = current.as_ref().is_some_and(|s| s.state == ContainerState::Running);
+                let running = current
+                    .as_ref()
+                    .is_some_and(|s| s.state == ContainerState::Running);
                 let id = current.as_ref().map(|s| s.id.clone()).unwrap_or_default();
                 let started = running && self.probe_ok(&c.name, &id, ProbeKind::Startup);
                 let ready = started && self.probe_ok(&c.name, &id, ProbeKind::Readiness);
@@ -1033,16 +1243,35 @@ impl Worker {
                         .any(|i| i.name != c.name)
                         && spec_of(pod).containers.iter().any(|x| x.name == c.name);
                     waiting = Some((
-                        if init_pending { "PodInitializing" } else { "ContainerCreating" }.into(),
+                        if init_pending {
+                            "PodInitializing"
+                        } else {
+                            "ContainerCreating"
+                        }
+                        .into(),
                         String::new(),
                     ));
                 }
                 let img = self.images.get(&c.name);
+                // The repo digest of the repository this container named.
+                let repo = c
+                    .image
+                    .as_deref()
+                    .and_then(|i| k3rs_runtime::images::normalize_reference(i).ok())
+                    .map(|r| format!("{}@", k3rs_runtime::images::repository_of(&r)))
+                    .unwrap_or_default();
                 ContainerView {
                     name: c.name.clone(),
                     image: c.image.clone().unwrap_or_default(),
                     image_id: img
-                        .map(|i| i.repo_digests.first().cloned().unwrap_or_else(|| i.id.clone()))
+                        .map(|i| {
+                            i.repo_digests
+                                .iter()
+                                .find(|d| d.starts_with(&repo))
+                                .or(i.repo_digests.first())
+                                .cloned()
+                                .unwrap_or_else(|| i.id.clone())
+                        })
                         .unwrap_or_default(),
                     current,
                     previous,
@@ -1056,10 +1285,17 @@ impl Worker {
 
     async fn post_status(&mut self, pod: &Pod, list: &[ContainerStatus]) {
         let spec = spec_of(pod);
-        let mut init = self.views(pod, list, spec.init_containers.as_deref().unwrap_or_default());
+        let mut init = self.views(
+            pod,
+            list,
+            spec.init_containers.as_deref().unwrap_or_default(),
+        );
         // Init containers that finished need no "waiting" noise.
         for v in init.iter_mut() {
-            if v.waiting.as_ref().is_some_and(|(r, _)| r == "PodInitializing") {
+            if v.waiting
+                .as_ref()
+                .is_some_and(|(r, _)| r == "PodInitializing")
+            {
                 v.waiting = Some(("PodInitializing".into(), String::new()));
             }
         }
@@ -1068,9 +1304,15 @@ impl Worker {
             init,
             containers,
             sandbox_ready: self.shim.is_some(),
-            pod_ip: self.pod_ip.filter(|_| !spec.host_network.unwrap_or(false)).map(|i| i.to_string()).or_else(|| {
-                spec.host_network.unwrap_or(false).then(|| self.agent.cfg.node_ip.to_string())
-            }),
+            pod_ip: self
+                .pod_ip
+                .filter(|_| !spec.host_network.unwrap_or(false))
+                .map(|i| i.to_string())
+                .or_else(|| {
+                    spec.host_network
+                        .unwrap_or(false)
+                        .then(|| self.agent.cfg.node_ip.to_string())
+                }),
             host_ip: self.agent.cfg.node_ip.to_string(),
             start_time: self.start_time.clone(),
             qos_class: container::qos_class(pod).into(),
@@ -1099,7 +1341,9 @@ impl Worker {
     }
 
     fn add_termination_messages(&self, pod: &Pod, st: &mut Value) {
-        let Some(list) = st["containerStatuses"].as_array_mut() else { return };
+        let Some(list) = st["containerStatuses"].as_array_mut() else {
+            return;
+        };
         let _ = pod;
         for cs in list {
             let name = cs["name"].as_str().unwrap_or_default().to_string();
@@ -1108,8 +1352,14 @@ impl Worker {
             for field in ["state", "lastState"] {
                 // lastState is the attempt before the current one, or the current one while
                 // it waits to restart.
-                let attempt = if field == "state" || waiting { restart } else { restart - 1 };
-                let Some(t) = cs[field].get_mut("terminated") else { continue };
+                let attempt = if field == "state" || waiting {
+                    restart
+                } else {
+                    restart - 1
+                };
+                let Some(t) = cs[field].get_mut("terminated") else {
+                    continue;
+                };
                 if t.get("message").is_some() {
                     continue;
                 }
@@ -1136,7 +1386,9 @@ impl Worker {
         if let (Some(shim), Some(pod)) = (self.shim.clone(), pod) {
             let spec = spec_of(pod);
             let grace = grace.unwrap_or_else(|| {
-                Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64)
+                Duration::from_secs(
+                    spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64
+                )
             });
             let deadline = Instant::now() + grace;
             let list = shim.list().await.unwrap_or_default();
@@ -1153,29 +1405,50 @@ impl Worker {
                     .find(|c| c.name == s.name)
                     .cloned();
                 let inv = involved(pod, Some(format!("spec.containers{{{}}}", s.name)));
-                self.agent.events.record(&inv, false, "Killing", format!("Stopping container {}", s.name));
+                self.agent.events.record(
+                    &inv,
+                    false,
+                    "Killing",
+                    format!("Stopping container {}", s.name),
+                );
                 let shim = shim.clone();
-                let pre_stop = c.as_ref().and_then(|c| c.lifecycle.as_ref()).and_then(|l| l.pre_stop.clone());
+                let pre_stop = c
+                    .as_ref()
+                    .and_then(|c| c.lifecycle.as_ref())
+                    .and_then(|l| l.pre_stop.clone());
                 let ip = self.pod_ip.map(IpAddr::V4);
                 let events = self.agent.events.clone();
                 tasks.push(tokio::spawn(async move {
                     if let (Some(h), Some(c)) = (pre_stop, c.as_ref()) {
                         let left = deadline.saturating_duration_since(Instant::now());
                         let r = if let Some(sl) = &h.sleep {
-                            tokio::time::sleep(Duration::from_secs(sl.seconds.max(0) as u64).min(left)).await;
+                            tokio::time::sleep(
+                                Duration::from_secs(sl.seconds.max(0) as u64).min(left),
+                            )
+                            .await;
                             Ok(())
                         } else {
                             let mut probe = lifecycle_probe(&h);
                             probe.timeout_seconds = Some(left.as_secs().max(1) as i32);
                             let exec = exec_fn(shim.clone(), s.name.clone());
-                            match tokio::time::timeout(left, probes::probe_once(&probe, c, ip, &*exec)).await {
+                            match tokio::time::timeout(
+                                left,
+                                probes::probe_once(&probe, c, ip, &*exec),
+                            )
+                            .await
+                            {
                                 Ok(ProbeOutcome::Success) => Ok(()),
                                 Ok(ProbeOutcome::Failure(m)) => Err(m),
                                 Err(_) => Err("timed out".to_string()),
                             }
                         };
                         if let Err(m) = r {
-                            events.record(&inv, true, "FailedPreStopHook", format!("PreStopHook failed: {m}"));
+                            events.record(
+                                &inv,
+                                true,
+                                "FailedPreStopHook",
+                                format!("PreStopHook failed: {m}"),
+                            );
                         }
                     }
                     let _ = shim.kill(&s.name, libc::SIGTERM).await;
@@ -1221,6 +1494,7 @@ impl Worker {
                 tracing::warn!(pod_uid = %self.uid, error = %e, "stopping the pod's shim");
             }
         }
+        self.agent.set_host_ports(&self.uid, Vec::new()).await;
         if let Some(net) = self.agent.net.get() {
             if let Err(e) = net.detach(&self.uid).await {
                 tracing::warn!(pod_uid = %self.uid, error = %e, "releasing the pod network");
@@ -1294,7 +1568,9 @@ async fn wait_exit(shim: &ShimClient, name: &str, id: &str, within: Duration) {
     }
 }
 
-pub type ExecFn = dyn Fn(Vec<String>, Duration) -> BoxFuture<'static, Result<(i32, Vec<u8>), String>> + Send + Sync;
+pub type ExecFn = dyn Fn(Vec<String>, Duration) -> BoxFuture<'static, Result<(i32, Vec<u8>), String>>
+    + Send
+    + Sync;
 
 /// Exec in a container through the shim, for probes and hooks.
 pub fn exec_fn(shim: ShimClient, name: String) -> Arc<ExecFn> {
@@ -1344,15 +1620,26 @@ fn resource_value(
         .resource
         .split_once('.')
         .ok_or_else(|| format!("unsupported resource {:?}", r.resource))?;
-    let map = if which == "limits" { res.limits } else { res.requests };
+    let map = if which == "limits" {
+        res.limits
+    } else {
+        res.requests
+    };
     let q = map.and_then(|m| m.get(name).map(|q| q.0.clone()));
-    let divisor = r.divisor.as_ref().map(|d| d.0.clone()).unwrap_or_else(|| "1".into());
-    let dm = crate::controllers::quantity::parse_milli(&divisor).filter(|d| *d > 0).unwrap_or(1000);
+    let divisor = r
+        .divisor
+        .as_ref()
+        .map(|d| d.0.clone())
+        .unwrap_or_else(|| "1".into());
+    let dm = crate::controllers::quantity::parse_milli(&divisor)
+        .filter(|d| *d > 0)
+        .unwrap_or(1000);
     let value_m = match (name, q) {
         (_, Some(q)) => crate::controllers::quantity::parse_milli(&q).unwrap_or(0),
         ("cpu", None) => {
             let m = super::node::Machine::read(std::path::Path::new("/"));
-            (m.cpus as i128 * 1000 - t.reserved_cpu_millis as i128) * if which == "limits" { 1 } else { 0 }
+            (m.cpus as i128 * 1000 - t.reserved_cpu_millis as i128)
+                * if which == "limits" { 1 } else { 0 }
         }
         ("memory", None) => {
             let m = super::node::Machine::read(std::path::Path::new("/"));
@@ -1365,5 +1652,7 @@ fn resource_value(
         _ => 0,
     };
     // Round up, as upstream.
-    Ok(((value_m + dm - 1) / dm).max(if value_m > 0 { 1 } else { 0 }).to_string())
+    Ok(((value_m + dm - 1) / dm)
+        .max(if value_m > 0 { 1 } else { 0 })
+        .to_string())
 }

@@ -48,6 +48,10 @@ spec:
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert_eq!(got.as_deref().map(str::trim), Some(*name), "pod {name} at {ip}");
+        assert_eq!(
+            got.as_deref().map(str::trim),
+            Some(*name),
+            "pod {name} at {ip}"
+        );
     }
 }

@@ -34,14 +34,19 @@ spec:
     ));
     n.wait_phase("graceful", "Running", T);
     n.wait_for("the container to start", T, || {
-        std::fs::read_to_string(out.join("events")).unwrap_or_default().contains("started")
+        std::fs::read_to_string(out.join("events"))
+            .unwrap_or_default()
+            .contains("started")
     });
     let t0 = Instant::now();
     n.ok(&["delete", "pod", "graceful", "--wait=true", "--timeout=60s"]);
     let took = t0.elapsed();
     let events = std::fs::read_to_string(out.join("events")).unwrap();
     assert_eq!(events, "started\nprestop\nterm\n");
-    assert!(took < Duration::from_secs(20), "deletion took {took:?}, beyond the grace period");
+    assert!(
+        took < Duration::from_secs(20),
+        "deletion took {took:?}, beyond the grace period"
+    );
 }
 
 #[test]
@@ -70,18 +75,35 @@ spec:
     n.kill9();
     std::thread::sleep(Duration::from_secs(1));
     // SAFETY: kill(pid, 0) only checks that the shim process still exists.
-    assert_eq!(unsafe { libc::kill(shims[0], 0) }, 0, "the shim died with the daemon");
+    assert_eq!(
+        unsafe { libc::kill(shims[0], 0) },
+        0,
+        "the shim died with the daemon"
+    );
     n.boot();
     n.wait_node_ready();
     // Give the agent time to sync the pod again; nothing may restart.
     std::thread::sleep(Duration::from_secs(5));
     n.wait_ready("survivor", T);
-    assert_eq!(n.pod_field("survivor", "{.status.containerStatuses[0].containerID}"), id);
-    assert_eq!(n.pod_field("survivor", "{.status.containerStatuses[0].restartCount}"), "0");
+    assert_eq!(
+        n.pod_field("survivor", "{.status.containerStatuses[0].containerID}"),
+        id
+    );
+    assert_eq!(
+        n.pod_field("survivor", "{.status.containerStatuses[0].restartCount}"),
+        "0"
+    );
     assert_eq!(n.pod_field("survivor", "{.status.podIP}"), ip);
     assert_eq!(n.shim_pids(), shims);
     // And the adopted pod still goes away cleanly.
-    n.ok(&["delete", "pod", "survivor", "--grace-period=1", "--wait=true", "--timeout=60s"]);
+    n.ok(&[
+        "delete",
+        "pod",
+        "survivor",
+        "--grace-period=1",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     n.wait_for("the shim to exit", T, || n.shim_pids().is_empty());
 }
 
@@ -113,18 +135,30 @@ spec:
 "#,
     );
     n.wait_for("3 running pods", T, || {
-        n.jsonpath(&["pods", "-l", "app=many"], "{.items[*].status.phase}") == "Running Running Running"
+        n.jsonpath(&["pods", "-l", "app=many"], "{.items[*].status.phase}")
+            == "Running Running Running"
     });
     assert_eq!(n.shim_pids().len(), 3);
     assert!(!n.mounts().is_empty());
     n.ok(&["delete", "deployment", "many"]);
-    n.wait_for("no pods", T, || n.jsonpath(&["pods"], "{.items[*].metadata.name}").is_empty());
+    n.wait_for("no pods", T, || {
+        n.jsonpath(&["pods"], "{.items[*].metadata.name}")
+            .is_empty()
+    });
     n.wait_for("every shim gone", T, || {
-        n.shim_pids().is_empty() && std::fs::read_dir(n.run_dir().join("pods")).map(|d| d.count()).unwrap_or(0) == 0
+        n.shim_pids().is_empty()
+            && std::fs::read_dir(n.run_dir().join("pods"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+                == 0
     });
     assert_eq!(n.mounts(), Vec::<String>::new(), "mounts left");
     assert_eq!(n.veths(), Vec::<String>::new(), "veths left");
-    assert_eq!(n.cgroups_left(), Vec::<std::path::PathBuf>::new(), "cgroups left");
+    assert_eq!(
+        n.cgroups_left(),
+        Vec::<std::path::PathBuf>::new(),
+        "cgroups left"
+    );
     assert_eq!(n.cgroup_pids(), Vec::<i32>::new(), "processes left");
     // No IP is still allocated (IPAM files name the pod they belong to).
     let mut held = Vec::new();

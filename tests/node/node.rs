@@ -116,8 +116,19 @@ impl Node {
         };
         must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         // The node's own address, on one end of a veth pair inside the namespace.
-        must(&["ip", "-n", &ns, "link", "add", "node0", "type", "veth", "peer", "name", "node0p"]);
-        must(&["ip", "-n", &ns, "addr", "add", &format!("{NODE_IP}/24"), "dev", "node0"]);
+        must(&[
+            "ip", "-n", &ns, "link", "add", "node0", "type", "veth", "peer", "name", "node0p",
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "node0",
+        ]);
         must(&["ip", "-n", &ns, "link", "set", "node0", "up"]);
         must(&["ip", "-n", &ns, "link", "set", "node0p", "up"]);
         let images = n.dir.path().join("data/agent/images");
@@ -152,7 +163,13 @@ impl Node {
             .open(self.dir.path().join("server.log"))
             .unwrap();
         let child = in_netns(&self.ns, env!("CARGO_BIN_EXE_k3rs"))
-            .args(["server", "--config", "/dev/null", "--bind-address", "127.0.0.1"])
+            .args([
+                "server",
+                "--config",
+                "/dev/null",
+                "--bind-address",
+                "127.0.0.1",
+            ])
             .arg("--https-listen-port")
             .arg(self.port.to_string())
             .arg("--data-dir")
@@ -393,7 +410,10 @@ impl Node {
         let mut v = Vec::new();
         for root in cgroup_dirs(&self.cgroup_root) {
             walk(&root, &mut |d| {
-                if d.join("pod").exists() || d.file_name().is_some_and(|n| n.to_string_lossy().starts_with("pod")) {
+                if d.join("pod").exists()
+                    || d.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("pod"))
+                {
                     v.push(d.to_path_buf());
                 }
             });
@@ -410,21 +430,52 @@ impl Node {
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| l.split(':').nth(1).map(|s| s.trim().split('@').next().unwrap_or("").to_string()))
+            .filter_map(|l| {
+                l.split(':')
+                    .nth(1)
+                    .map(|s| s.trim().split('@').next().unwrap_or("").to_string())
+            })
             .filter(|n| n != "node0" && n != "node0p")
             .collect()
     }
 
-    /// Fetches a URL from inside the node's network namespace (busybox wget).
+    /// Fetches `http://<ip>:<port>/<path>` from inside the node's network namespace (a plain
+    /// HTTP/1.0 GET from a thread that entered it); the body on a 200.
     pub fn fetch(&self, url: &str) -> Option<String> {
-        let out = self
-            .cmd("busybox")
-            .args(["wget", "-q", "-T", "3", "-O", "-", url])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+        let rest = url.strip_prefix("http://")?;
+        let (hostport, path) = match rest.split_once('/') {
+            Some((h, p)) => (h.to_string(), format!("/{p}")),
+            None => (rest.to_string(), "/".to_string()),
+        };
+        let hostport = if hostport.contains(':') {
+            hostport
+        } else {
+            format!("{hostport}:80")
+        };
+        let ns = format!("/run/netns/{}", self.ns);
+        std::thread::spawn(move || -> Option<String> {
+            use std::io::{Read, Write};
+            let f = std::fs::File::open(&ns).ok()?;
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0
+            {
+                return None;
+            }
+            let addr: std::net::SocketAddr = hostport.parse().ok()?;
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).ok()?;
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            head.starts_with("HTTP/1.").then_some(())?;
+            head.split_whitespace().nth(1).filter(|c| *c == "200")?;
+            Some(body.to_string())
+        })
+        .join()
+        .ok()
+        .flatten()
     }
 }
 
@@ -474,7 +525,8 @@ impl Drop for Node {
             // What the shims said, for the failure report.
             if let Ok(rd) = std::fs::read_dir(self.run_dir().join("pods")) {
                 for e in rd.flatten() {
-                    let log = std::fs::read_to_string(e.path().join("shim.log")).unwrap_or_default();
+                    let log =
+                        std::fs::read_to_string(e.path().join("shim.log")).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(40).collect();
                     eprintln!(
                         "--- shim {} (last lines) ---\n{}",

@@ -25,13 +25,19 @@ spec:
     );
     n.wait_phase("exiter", "Failed", T);
     assert_eq!(
-        n.pod_field("exiter", "{.status.containerStatuses[0].state.terminated.exitCode}"),
+        n.pod_field(
+            "exiter",
+            "{.status.containerStatuses[0].state.terminated.exitCode}"
+        ),
         "3",
         "{}",
         n.pod_field("exiter", "{.status}")
     );
     assert_eq!(
-        n.pod_field("exiter", "{.status.containerStatuses[0].state.terminated.reason}"),
+        n.pod_field(
+            "exiter",
+            "{.status.containerStatuses[0].state.terminated.reason}"
+        ),
         "Error"
     );
     assert!(n
@@ -117,7 +123,10 @@ spec:
     );
     n.wait_phase("inits", "Running", T);
     assert_eq!(
-        n.pod_field("inits", "{.status.initContainerStatuses[*].state.terminated.reason}"),
+        n.pod_field(
+            "inits",
+            "{.status.initContainerStatuses[*].state.terminated.reason}"
+        ),
         "Completed Completed"
     );
     let uid = n.pod_field("inits", "{.metadata.uid}");
@@ -127,14 +136,14 @@ spec:
         .join("app/0.log");
     n.wait_for("the app's log", T, || {
         let t = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = t
-            .lines()
-            .filter_map(|l| l.splitn(4, ' ').nth(3))
-            .collect();
+        let lines: Vec<&str> = t.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
         lines == ["first", "second", "app"]
     });
     assert_eq!(
-        n.pod_field("inits", "{.status.conditions[?(@.type==\"Initialized\")].status}"),
+        n.pod_field(
+            "inits",
+            "{.status.conditions[?(@.type==\"Initialized\")].status}"
+        ),
         "True"
     );
 }
@@ -164,9 +173,15 @@ spec:
         "crasher",
         "{.status.containerStatuses[0].state.waiting.message}",
     );
-    assert!(msg.starts_with("back-off 10s restarting failed container=main pod=crasher_default("), "{msg}");
+    assert!(
+        msg.starts_with("back-off 10s restarting failed container=main pod=crasher_default("),
+        "{msg}"
+    );
     assert_eq!(
-        n.pod_field("crasher", "{.status.containerStatuses[0].lastState.terminated.exitCode}"),
+        n.pod_field(
+            "crasher",
+            "{.status.containerStatuses[0].lastState.terminated.exitCode}"
+        ),
         "1"
     );
     // The back-off grows: the message moves on to 20s after the next restart.
@@ -205,7 +220,10 @@ spec:
     );
     n.wait_phase("hog", "Failed", T);
     assert_eq!(
-        n.pod_field("hog", "{.status.containerStatuses[0].state.terminated.reason}"),
+        n.pod_field(
+            "hog",
+            "{.status.containerStatuses[0].state.terminated.reason}"
+        ),
         "OOMKilled"
     );
 }
@@ -231,7 +249,11 @@ spec:
     // Find the container's cgroup on the node: cfs quota 25000 per 100000 period.
     let uid = n.pod_field("limited", "{.metadata.uid}").replace('-', "_");
     let mut found = Vec::new();
-    for base in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup"] {
+    for base in [
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/cpu,cpuacct",
+        "/sys/fs/cgroup",
+    ] {
         let pod_dir = std::path::Path::new(base)
             .join(n.cgroup_root.trim_start_matches('/'))
             .join("kubepods/burstable")
@@ -255,8 +277,20 @@ spec:
 #[test]
 fn env_comes_from_a_config_map_and_a_secret() {
     let n = Node::start();
-    n.ok(&["create", "configmap", "settings", "--from-literal=color=blue", "--from-literal=size=L"]);
-    n.ok(&["create", "secret", "generic", "creds", "--from-literal=password=s3cr3t"]);
+    n.ok(&[
+        "create",
+        "configmap",
+        "settings",
+        "--from-literal=color=blue",
+        "--from-literal=size=L",
+    ]);
+    n.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "creds",
+        "--from-literal=password=s3cr3t",
+    ]);
     n.apply(
         r#"apiVersion: v1
 kind: Pod
@@ -309,11 +343,16 @@ spec:
 "#,
     );
     n.wait_for("CreateContainerConfigError", T, || {
-        n.pod_field("nocfg", "{.status.containerStatuses[0].state.waiting.reason}")
-            == "CreateContainerConfigError"
+        n.pod_field(
+            "nocfg",
+            "{.status.containerStatuses[0].state.waiting.reason}",
+        ) == "CreateContainerConfigError"
     });
     assert_eq!(
-        n.pod_field("nocfg", "{.status.containerStatuses[0].state.waiting.message}"),
+        n.pod_field(
+            "nocfg",
+            "{.status.containerStatuses[0].state.waiting.message}"
+        ),
         "configmap \"nosuch\" not found"
     );
 }
@@ -321,7 +360,12 @@ spec:
 #[test]
 fn a_config_map_volume_update_reaches_the_running_pod() {
     let n = Node::start();
-    n.ok(&["create", "configmap", "live", "--from-literal=greeting=hello"]);
+    n.ok(&[
+        "create",
+        "configmap",
+        "live",
+        "--from-literal=greeting=hello",
+    ]);
     n.apply(
         r#"apiVersion: v1
 kind: Pod
@@ -343,10 +387,20 @@ spec:
         .join(format!("default_watcher_{uid}"))
         .join("main/0.log");
     n.wait_for("the first value", T, || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("greeting=hello")
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("greeting=hello")
     });
-    n.ok(&["patch", "configmap", "live", "-p", r#"{"data":{"greeting":"bonjour"}}"#]);
+    n.ok(&[
+        "patch",
+        "configmap",
+        "live",
+        "-p",
+        r#"{"data":{"greeting":"bonjour"}}"#,
+    ]);
     n.wait_for("the update inside the pod", Duration::from_secs(90), || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("greeting=bonjour")
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("greeting=bonjour")
     });
 }

@@ -45,7 +45,10 @@ spec:
         events.contains("Container web failed liveness probe, will be restarted"),
         "{events}"
     );
-    assert!(events.contains("Liveness probe failed: HTTP probe failed with statuscode: 404"), "{events}");
+    assert!(
+        events.contains("Liveness probe failed: HTTP probe failed with statuscode: 404"),
+        "{events}"
+    );
 }
 
 #[test]
@@ -80,5 +83,8 @@ spec:
         n.pod_field("flip", "{.status.conditions[?(@.type==\"Ready\")].message}"),
         "containers with unready status: [main]"
     );
-    assert_eq!(n.pod_field("flip", "{.status.containerStatuses[0].restartCount}"), "0");
+    assert_eq!(
+        n.pod_field("flip", "{.status.containerStatuses[0].restartCount}"),
+        "0"
+    );
 }

@@ -27,7 +27,11 @@ pub fn image_config(cfg: &Value) -> (ImageConfig, Vec<String>) {
     let c = &cfg["config"];
     let strs = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     (
@@ -48,11 +52,15 @@ fn verified(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
         .ok_or_else(|| ImageError::Invalid(format!("unsupported digest {digest}")))?;
     let p = dir.join("blobs/sha256").join(hex);
     if !p.exists() {
-        return Err(ImageError::Invalid(format!("blob {digest} is missing from the archive")));
+        return Err(ImageError::Invalid(format!(
+            "blob {digest} is missing from the archive"
+        )));
     }
     let got = sha256_file(&p)?;
     if got != hex {
-        return Err(ImageError::Invalid(format!("blob {digest} is corrupt (its content is sha256:{got})")));
+        return Err(ImageError::Invalid(format!(
+            "blob {digest} is corrupt (its content is sha256:{got})"
+        )));
     }
     Ok(p)
 }
@@ -97,7 +105,12 @@ fn record(
     })
 }
 
-fn oci_manifest(dir: &Path, digest: &str, names: Vec<String>, out: &mut Found) -> Result<(), ImageError> {
+fn oci_manifest(
+    dir: &Path,
+    digest: &str,
+    names: Vec<String>,
+    out: &mut Found,
+) -> Result<(), ImageError> {
     let mp = verified(dir, digest)?;
     let m = read_json(&mp)?;
     if m["manifests"].is_array() {
@@ -110,7 +123,10 @@ fn oci_manifest(dir: &Path, digest: &str, names: Vec<String>, out: &mut Found) -
             .ok_or_else(|| ImageError::Invalid("empty image index".into()))?;
         return oci_manifest(dir, pick["digest"].as_str().unwrap_or_default(), names, out);
     }
-    let config_digest = m["config"]["digest"].as_str().unwrap_or_default().to_string();
+    let config_digest = m["config"]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let cp = verified(dir, &config_digest)?;
     let cfg = read_json(&cp)?;
     let mut files = vec![(digest.to_string(), mp), (config_digest.clone(), cp)];
@@ -121,7 +137,9 @@ fn oci_manifest(dir: &Path, digest: &str, names: Vec<String>, out: &mut Found) -
         blobs.push(LayerBlob {
             digest: d.clone(),
             media_type: l["mediaType"].as_str().unwrap_or_default().to_string(),
-            size: l["size"].as_u64().unwrap_or_else(|| std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0)),
+            size: l["size"]
+                .as_u64()
+                .unwrap_or_else(|| std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0)),
         });
         files.push((d, p));
     }
@@ -148,7 +166,9 @@ fn docker_archive(dir: &Path) -> Result<Found, ImageError> {
             let hex = sha256_file(&p)?;
             let mut magic = [0u8; 2];
             use std::io::Read;
-            let _ = std::fs::File::open(&p).map_err(io(p.display()))?.read(&mut magic);
+            let _ = std::fs::File::open(&p)
+                .map_err(io(p.display()))?
+                .read(&mut magic);
             let media_type = if magic == [0x1f, 0x8b] {
                 "application/vnd.docker.image.rootfs.diff.tar.gzip"
             } else {
@@ -178,9 +198,22 @@ fn docker_archive(dir: &Path) -> Result<Found, ImageError> {
         files.push((manifest_digest.clone(), mf));
         let names: Vec<String> = m["RepoTags"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
-        out.push((record(normalize_names(&names), &manifest_digest, &config_digest, &cfg, blobs)?, files));
+        out.push((
+            record(
+                normalize_names(&names),
+                &manifest_digest,
+                &config_digest,
+                &cfg,
+                blobs,
+            )?,
+            files,
+        ));
     }
     Ok(out)
 }
@@ -192,8 +225,12 @@ pub fn read_archive(path: &Path, tmp: &Path) -> Result<Found, ImageError> {
     std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
     let mut ar = tar::Archive::new(reader);
     ar.set_preserve_permissions(false);
-    ar.unpack(&dir)
-        .map_err(|e| ImageError::Invalid(format!("{}: not a readable tar archive: {e}", path.display())))?;
+    ar.unpack(&dir).map_err(|e| {
+        ImageError::Invalid(format!(
+            "{}: not a readable tar archive: {e}",
+            path.display()
+        ))
+    })?;
     if dir.join("index.json").exists() {
         let index = read_json(&dir.join("index.json"))?;
         let mut out = Vec::new();
@@ -203,15 +240,25 @@ pub fn read_archive(path: &Path, tmp: &Path) -> Result<Found, ImageError> {
                 .as_str()
                 .or(ann["org.opencontainers.image.ref.name"].as_str())
                 .unwrap_or_default();
-            let names = if name.is_empty() || (!name.contains('/') && !name.contains(':') && !name.contains('.')) {
+            let names = if name.is_empty()
+                || (!name.contains('/') && !name.contains(':') && !name.contains('.'))
+            {
                 Vec::new()
             } else {
                 normalize_names(&[name.to_string()])
             };
-            oci_manifest(&dir, d["digest"].as_str().unwrap_or_default(), names, &mut out)?;
+            oci_manifest(
+                &dir,
+                d["digest"].as_str().unwrap_or_default(),
+                names,
+                &mut out,
+            )?;
         }
         if out.is_empty() {
-            return Err(ImageError::Invalid(format!("{}: the OCI index lists no images", path.display())));
+            return Err(ImageError::Invalid(format!(
+                "{}: the OCI index lists no images",
+                path.display()
+            )));
         }
         return Ok(out);
     }

@@ -133,18 +133,23 @@ impl PullAuth {
 
 /// `busybox` → `docker.io/library/busybox:latest`; keeps digests; upstream's error text.
 pub fn normalize_reference(r: &str) -> Result<String, ImageError> {
-    let bad = || ImageError::Invalid(format!("couldn't parse image reference {r:?}: invalid reference format"));
-    if r.is_empty() || r.chars().any(|c| c.is_whitespace() || c.is_ascii_uppercase() && !r.contains('@')) {
-        if r.is_empty() || r.chars().any(|c| c.is_whitespace()) {
-            return Err(bad());
-        }
+    let bad = || {
+        ImageError::Invalid(format!(
+            "couldn't parse image reference {r:?}: invalid reference format"
+        ))
+    };
+    if r.is_empty() || r.chars().any(|c| c.is_whitespace()) {
+        return Err(bad());
     }
     let (name, digest) = match r.split_once('@') {
         Some((n, d)) => (n, Some(d)),
         None => (r, None),
     };
     if let Some(d) = digest {
-        if !d.starts_with("sha256:") || d.len() != 71 || !d[7..].bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !d.starts_with("sha256:")
+            || d.len() != 71
+            || !d[7..].bytes().all(|b| b.is_ascii_hexdigit())
+        {
             return Err(bad());
         }
     }
@@ -157,8 +162,8 @@ pub fn normalize_reference(r: &str) -> Result<String, ImageError> {
         return Err(bad());
     }
     let first = path.split('/').next().unwrap_or_default();
-    let has_registry = path.contains('/')
-        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_registry =
+        path.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     let full = if has_registry {
         path.to_string()
     } else if path.contains('/') {
@@ -175,7 +180,12 @@ pub fn normalize_reference(r: &str) -> Result<String, ImageError> {
         return Err(bad());
     }
     if let Some(t) = tag {
-        if t.is_empty() || t.len() > 128 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        if t.is_empty()
+            || t.len() > 128
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
             return Err(bad());
         }
     }
@@ -231,7 +241,12 @@ pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
         }
         ctx.update(&buf[..n]);
     }
-    Ok(ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 fn now_secs() -> u64 {
@@ -338,8 +353,12 @@ impl ImageStore {
         g.iter()
             .find(|i| {
                 i.id == id
-                    || i.names.iter().any(|n| Some(n) == norm.as_ref() || n == reference)
-                    || i.repo_digests.iter().any(|d| Some(d) == norm.as_ref() || d == reference)
+                    || i.names
+                        .iter()
+                        .any(|n| Some(n) == norm.as_ref() || n == reference)
+                    || i.repo_digests
+                        .iter()
+                        .any(|d| Some(d) == norm.as_ref() || d == reference)
             })
             .cloned()
     }
@@ -370,7 +389,10 @@ impl ImageStore {
                 i.blobs
                     .iter()
                     .map(|b| b.digest.clone())
-                    .chain([i.id.clone(), format!("sha256:{}", i.manifest_digest.trim_start_matches("sha256:"))])
+                    .chain([
+                        i.id.clone(),
+                        format!("sha256:{}", i.manifest_digest.trim_start_matches("sha256:")),
+                    ])
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -390,7 +412,10 @@ impl ImageStore {
             for l in &rec.layers {
                 if !keep_layers.contains(l) {
                     let _ = std::fs::remove_dir_all(
-                        self.inner.root.join("layers").join(l.trim_start_matches("sha256:")),
+                        self.inner
+                            .root
+                            .join("layers")
+                            .join(l.trim_start_matches("sha256:")),
                     );
                 }
             }
@@ -442,11 +467,10 @@ impl ImageStore {
     pub fn layer_dirs(&self, image: &ImageRecord) -> Result<Vec<PathBuf>, ImageError> {
         let mut out = Vec::new();
         for (i, blob) in image.blobs.iter().enumerate() {
-            let diff_id = image
-                .layers
-                .get(i)
-                .cloned()
-                .ok_or_else(|| ImageError::Invalid(format!("image {} lacks diff ids", image.id)))?;
+            let diff_id =
+                image.layers.get(i).cloned().ok_or_else(|| {
+                    ImageError::Invalid(format!("image {} lacks diff ids", image.id))
+                })?;
             let dir = self
                 .inner
                 .root
@@ -461,13 +485,24 @@ impl ImageStore {
                 if !dir.exists() {
                     let tmp = self.tmp_dir()?;
                     let target = tmp.path().join("l");
-                    unpack::unpack_layer(&self.blob_path(&blob.digest), &blob.media_type, &target, &diff_id)?;
+                    unpack::unpack_layer(
+                        &self.blob_path(&blob.digest),
+                        &blob.media_type,
+                        &target,
+                        &diff_id,
+                    )?;
                     std::fs::rename(&target, &dir).map_err(io(dir.display()))?;
                 }
             }
             out.push(dir);
         }
-        if let Some(i) = self.inner.images.lock().iter_mut().find(|i| i.id == image.id) {
+        if let Some(i) = self
+            .inner
+            .images
+            .lock()
+            .iter_mut()
+            .find(|i| i.id == image.id)
+        {
             i.last_used = now_secs();
         }
         Ok(out)
@@ -495,15 +530,27 @@ impl ImageStore {
     /// Imports archives in `dir` not imported before (by name, size and mtime). Blocking.
     pub fn import_dir(&self, dir: &Path) -> Vec<Result<Vec<ImageRecord>, ImageError>> {
         let mut out = Vec::new();
-        let Ok(rd) = std::fs::read_dir(dir) else { return out };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return out;
+        };
         let mut files: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
         files.sort();
         for p in files {
-            let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            if !(name.ends_with(".tar") || name.ends_with(".tar.gz") || name.ends_with(".tgz") || name.ends_with(".tar.zst") || name.ends_with(".tzst")) {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if !(name.ends_with(".tar")
+                || name.ends_with(".tar.gz")
+                || name.ends_with(".tgz")
+                || name.ends_with(".tar.zst")
+                || name.ends_with(".tzst"))
+            {
                 continue;
             }
-            let Ok(m) = std::fs::metadata(&p) else { continue };
+            let Ok(m) = std::fs::metadata(&p) else {
+                continue;
+            };
             let mtime = m
                 .modified()
                 .ok()
@@ -527,7 +574,12 @@ impl ImageStore {
     }
 
     /// Pulls an image (already normalized or not) into the store.
-    pub async fn pull(&self, reference: &str, auth: &PullAuth, registries: &Registries) -> Result<ImageRecord, ImageError> {
+    pub async fn pull(
+        &self,
+        reference: &str,
+        auth: &PullAuth,
+        registries: &Registries,
+    ) -> Result<ImageRecord, ImageError> {
         let reference = normalize_reference(reference)?;
         let (rec, blobs) = pull::pull(&reference, auth, registries).await?;
         let store = self.clone();
@@ -551,20 +603,38 @@ mod tests {
 
     #[test]
     fn references_normalize_as_docker_does() {
-        assert_eq!(normalize_reference("busybox").unwrap(), "docker.io/library/busybox:latest");
-        assert_eq!(normalize_reference("foo/bar:1").unwrap(), "docker.io/foo/bar:1");
-        assert_eq!(normalize_reference("127.0.0.1:5000/x").unwrap(), "127.0.0.1:5000/x:latest");
-        assert_eq!(normalize_reference("localhost/x:v2").unwrap(), "localhost/x:v2");
+        assert_eq!(
+            normalize_reference("busybox").unwrap(),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            normalize_reference("foo/bar:1").unwrap(),
+            "docker.io/foo/bar:1"
+        );
+        assert_eq!(
+            normalize_reference("127.0.0.1:5000/x").unwrap(),
+            "127.0.0.1:5000/x:latest"
+        );
+        assert_eq!(
+            normalize_reference("localhost/x:v2").unwrap(),
+            "localhost/x:v2"
+        );
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(
             normalize_reference(&format!("busybox@{d}")).unwrap(),
             format!("docker.io/library/busybox@{d}")
         );
         let e = normalize_reference("A B").unwrap_err().to_string();
-        assert_eq!(e, "couldn't parse image reference \"A B\": invalid reference format");
+        assert_eq!(
+            e,
+            "couldn't parse image reference \"A B\": invalid reference format"
+        );
         assert!(normalize_reference("Upper/case").is_err());
         assert!(normalize_reference("x:").is_err());
-        assert_eq!(repository_of("docker.io/library/busybox:latest"), "docker.io/library/busybox");
+        assert_eq!(
+            repository_of("docker.io/library/busybox:latest"),
+            "docker.io/library/busybox"
+        );
         assert_eq!(repository_of("127.0.0.1:5000/x:v1"), "127.0.0.1:5000/x");
     }
 

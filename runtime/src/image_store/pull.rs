@@ -43,8 +43,17 @@ fn client(plain_http_host: Option<&str>) -> Client {
     })
 }
 
-fn oci_reference(host: &str, repo: &str, tag: &Option<String>, digest: &Option<String>) -> Reference {
-    let host = if host == "docker.io" { "docker.io" } else { host };
+fn oci_reference(
+    host: &str,
+    repo: &str,
+    tag: &Option<String>,
+    digest: &Option<String>,
+) -> Reference {
+    let host = if host == "docker.io" {
+        "docker.io"
+    } else {
+        host
+    };
     match (tag, digest) {
         (_, Some(d)) => Reference::with_digest(host.to_string(), repo.to_string(), d.clone()),
         (Some(t), None) => Reference::with_tag(host.to_string(), repo.to_string(), t.clone()),
@@ -79,15 +88,20 @@ pub async fn pull(
                     message: "the registry sent no image manifest".into(),
                 })?;
                 let config_digest = format!("sha256:{}", sha256_hex(&data.config.data));
-                let cfg: serde_json::Value = serde_json::from_slice(&data.config.data).map_err(|e| ImageError::Pull {
-                    reference: reference.to_string(),
-                    message: format!("bad image config: {e}"),
-                })?;
+                let cfg: serde_json::Value =
+                    serde_json::from_slice(&data.config.data).map_err(|e| ImageError::Pull {
+                        reference: reference.to_string(),
+                        message: format!("bad image config: {e}"),
+                    })?;
                 let mut blobs = vec![(config_digest.clone(), data.config.data.to_vec())];
                 let mut layers = Vec::new();
                 for (i, l) in data.layers.iter().enumerate() {
                     let d = format!("sha256:{}", sha256_hex(&l.data));
-                    let want = manifest.layers.get(i).map(|x| x.digest.clone()).unwrap_or_default();
+                    let want = manifest
+                        .layers
+                        .get(i)
+                        .map(|x| x.digest.clone())
+                        .unwrap_or_default();
                     if !want.is_empty() && want != d {
                         return Err(ImageError::Pull {
                             reference: reference.to_string(),
@@ -102,13 +116,19 @@ pub async fn pull(
                     blobs.push((d, l.data.to_vec()));
                 }
                 let manifest_digest = data.digest.clone().unwrap_or_else(|| {
-                    format!("sha256:{}", sha256_hex(&serde_json::to_vec(&manifest).unwrap_or_default()))
+                    format!(
+                        "sha256:{}",
+                        sha256_hex(&serde_json::to_vec(&manifest).unwrap_or_default())
+                    )
                 });
                 let (config, diff_ids) = super::archive::image_config(&cfg);
                 let rec = ImageRecord {
                     id: config_digest,
                     names: vec![reference.split('@').next().unwrap_or(reference).to_string()],
-                    repo_digests: vec![format!("{}@{manifest_digest}", super::repository_of(reference))],
+                    repo_digests: vec![format!(
+                        "{}@{manifest_digest}",
+                        super::repository_of(reference)
+                    )],
                     size: layers.iter().map(|l| l.size).sum(),
                     config,
                     layers: diff_ids,
@@ -162,7 +182,11 @@ pub async fn push_archive(
         };
         layers.push(ImageLayer::new(read(&b.digest)?, mt.to_string(), None));
     }
-    let config = Config::new(read(&rec.id)?, oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(), None);
+    let config = Config::new(
+        read(&rec.id)?,
+        oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE.to_string(),
+        None,
+    );
     let (registry, repo, tag, digest) = split(&reference);
     let c = client(plain_http.then_some(registry.as_str()));
     let r = oci_reference(&registry, &repo, &tag, &digest);

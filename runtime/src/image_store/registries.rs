@@ -136,7 +136,11 @@ impl Registries {
                     default_listed = true;
                 }
                 out.push(Endpoint {
-                    repository: if host == registry { repository.to_string() } else { repo.clone() },
+                    repository: if host == registry {
+                        repository.to_string()
+                    } else {
+                        repo.clone()
+                    },
                     host,
                     plain_http: plain,
                 });
@@ -159,9 +163,12 @@ impl Registries {
         if !a.username.is_empty() {
             return Some((a.username.clone(), a.password.clone()));
         }
-        let raw = base64::engine::general_purpose::STANDARD.decode(&a.auth).ok()?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&a.auth)
+            .ok()?;
         let s = String::from_utf8_lossy(&raw).to_string();
-        s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string()))
+        s.split_once(':')
+            .map(|(u, p)| (u.to_string(), p.to_string()))
     }
 }
 
@@ -179,8 +186,16 @@ mod tests {
         assert_eq!(
             e,
             vec![
-                Endpoint { host: "127.0.0.1:5000".into(), plain_http: true, repository: "mirror/busybox".into() },
-                Endpoint { host: "docker.io".into(), plain_http: false, repository: "library/busybox".into() },
+                Endpoint {
+                    host: "127.0.0.1:5000".into(),
+                    plain_http: true,
+                    repository: "mirror/busybox".into()
+                },
+                Endpoint {
+                    host: "docker.io".into(),
+                    plain_http: false,
+                    repository: "library/busybox".into()
+                },
             ]
         );
         assert_eq!(r.auth("127.0.0.1:5000"), Some(("u".into(), "p".into())));

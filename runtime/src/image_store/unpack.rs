@@ -68,7 +68,13 @@ fn set_opaque(dir: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
     // SAFETY: setxattr with NUL-terminated name and a 1-byte value we own.
     let rc = unsafe {
-        libc::lsetxattr(c.as_ptr(), c"trusted.overlay.opaque".as_ptr(), b"y".as_ptr().cast(), 1, 0)
+        libc::lsetxattr(
+            c.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
     };
     if rc == 0 {
         Ok(())
@@ -77,7 +83,12 @@ fn set_opaque(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-pub fn unpack_layer(blob: &Path, media_type: &str, target: &Path, diff_id: &str) -> Result<(), ImageError> {
+pub fn unpack_layer(
+    blob: &Path,
+    media_type: &str,
+    target: &Path,
+    diff_id: &str,
+) -> Result<(), ImageError> {
     std::fs::create_dir_all(target).map_err(io(target.display()))?;
     let reader = Hashing {
         inner: decompress(blob, media_type)?,
@@ -99,7 +110,10 @@ pub fn unpack_layer(blob: &Path, media_type: &str, target: &Path, diff_id: &str)
                 path.display()
             )));
         };
-        let name = rel.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let parent = target.join(rel.parent().unwrap_or(Path::new("")));
         if name == ".wh..wh..opq" {
             std::fs::create_dir_all(&parent).map_err(io(parent.display()))?;
@@ -118,7 +132,13 @@ pub fn unpack_layer(blob: &Path, media_type: &str, target: &Path, diff_id: &str)
     }
     let mut r = ar.into_inner();
     std::io::copy(&mut r, &mut std::io::sink()).map_err(bad)?;
-    let got: String = r.ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let got: String = r
+        .ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if format!("sha256:{got}") != diff_id {
         return Err(ImageError::Invalid(format!(
             "layer content sha256:{got} does not match its diff id {diff_id}"

@@ -105,7 +105,7 @@ impl LogWriter {
             let end = start + pos;
             let mut s = start;
             while end - s > MAX_LINE {
-                self.emit(stream, 'P', &buf[s..s + MAX_LINE].to_vec());
+                self.emit(stream, 'P', &buf[s..s + MAX_LINE]);
                 s += MAX_LINE;
             }
             let chunk = buf[s..end].to_vec();

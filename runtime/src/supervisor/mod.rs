@@ -126,11 +126,23 @@ pub struct ExecResult {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
     Sandbox,
-    Run { config: Box<ContainerConfig> },
-    Kill { name: String, signal: i32 },
-    Remove { name: String, attempt: u32 },
+    Run {
+        config: Box<ContainerConfig>,
+    },
+    Kill {
+        name: String,
+        signal: i32,
+    },
+    Remove {
+        name: String,
+        attempt: u32,
+    },
     List,
-    Exec { name: String, argv: Vec<String>, timeout_ms: u64 },
+    Exec {
+        name: String,
+        argv: Vec<String>,
+        timeout_ms: u64,
+    },
     Shutdown,
 }
 
@@ -151,7 +163,11 @@ const SOCK: &str = "shim.sock";
 impl ShimClient {
     /// Starts `<exe> shim --dir <dir>` detached (own session; it survives the daemon) and waits
     /// until it answers.
-    pub async fn start(exe: &Path, dir: &Path, sandbox: &SandboxConfig) -> Result<ShimClient, ShimError> {
+    pub async fn start(
+        exe: &Path,
+        dir: &Path,
+        sandbox: &SandboxConfig,
+    ) -> Result<ShimClient, ShimError> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(
             dir.join("sandbox.json"),
@@ -177,7 +193,9 @@ impl ShimClient {
             });
         }
         let mut child = cmd.spawn()?;
-        let c = ShimClient { sock: dir.join(SOCK) };
+        let c = ShimClient {
+            sock: dir.join(SOCK),
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if c.sock.exists() && c.sandbox().await.is_ok() {
@@ -204,7 +222,9 @@ impl ShimClient {
 
     /// Connects to a running shim (adoption after a daemon restart).
     pub async fn connect(dir: &Path) -> Result<ShimClient, ShimError> {
-        let c = ShimClient { sock: dir.join(SOCK) };
+        let c = ShimClient {
+            sock: dir.join(SOCK),
+        };
         c.sandbox().await?;
         Ok(c)
     }
@@ -212,13 +232,15 @@ impl ShimClient {
     async fn call(&self, req: &Request, timeout: Duration) -> Result<serde_json::Value, ShimError> {
         let fut = async {
             let mut s = tokio::net::UnixStream::connect(&self.sock).await?;
-            let mut line = serde_json::to_vec(req).map_err(|e| ShimError::Protocol(e.to_string()))?;
+            let mut line =
+                serde_json::to_vec(req).map_err(|e| ShimError::Protocol(e.to_string()))?;
             line.push(b'\n');
             s.write_all(&line).await?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await?;
-            let resp: Response = serde_json::from_slice(&buf)
-                .map_err(|e| ShimError::Protocol(format!("{e} in {:?}", String::from_utf8_lossy(&buf))))?;
+            let resp: Response = serde_json::from_slice(&buf).map_err(|e| {
+                ShimError::Protocol(format!("{e} in {:?}", String::from_utf8_lossy(&buf)))
+            })?;
             match resp {
                 Response::Ok(v) => Ok(v),
                 Response::Err(e) => Err(ShimError::Failed(e)),
@@ -234,7 +256,10 @@ impl ShimClient {
     }
 
     pub async fn sandbox(&self) -> Result<SandboxStatus, ShimError> {
-        Self::parse(self.call(&Request::Sandbox, Duration::from_secs(10)).await?)
+        Self::parse(
+            self.call(&Request::Sandbox, Duration::from_secs(10))
+                .await?,
+        )
     }
 
     /// Mounts the rootfs, writes the bundle, creates and starts the container.
@@ -279,7 +304,12 @@ impl ShimClient {
         Self::parse(self.call(&Request::List, Duration::from_secs(10)).await?)
     }
 
-    pub async fn exec(&self, name: &str, argv: &[String], timeout: Duration) -> Result<ExecResult, ShimError> {
+    pub async fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<ExecResult, ShimError> {
         Self::parse(
             self.call(
                 &Request::Exec {
@@ -351,7 +381,10 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_nanos() {
         assert_eq!(rfc3339(0, 5), "1970-01-01T00:00:00.000000005Z");
-        assert_eq!(rfc3339(1_700_000_000, 123_456_789), "2023-11-14T22:13:20.123456789Z");
+        assert_eq!(
+            rfc3339(1_700_000_000, 123_456_789),
+            "2023-11-14T22:13:20.123456789Z"
+        );
         assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000000000Z");
     }
 }

@@ -37,7 +37,11 @@ extern "C" fn on_sigchld(_: libc::c_int) {
 }
 
 fn log(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{} shim: {msg}", super::now_rfc3339_nanos());
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} shim: {msg}",
+        super::now_rfc3339_nanos()
+    );
 }
 
 struct Ctr {
@@ -83,17 +87,26 @@ fn cgroup_dirs(rel: &str) -> Vec<PathBuf> {
 fn oom_kills(cgroup: &str) -> u64 {
     let rel = cgroup.trim_start_matches('/');
     let (file, key) = if cgroup_v2() {
-        (Path::new("/sys/fs/cgroup").join(rel).join("memory.events"), "oom_kill")
+        (
+            Path::new("/sys/fs/cgroup").join(rel).join("memory.events"),
+            "oom_kill",
+        )
     } else {
         (
-            Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.oom_control"),
+            Path::new("/sys/fs/cgroup/memory")
+                .join(rel)
+                .join("memory.oom_control"),
             "oom_kill",
         )
     };
     std::fs::read_to_string(file)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<u64>().unwrap_or(0)))
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(key))
+                .then(|| it.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -173,7 +186,8 @@ fn create_sandbox(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
         .map(|k| {
             (
                 std::ffi::CString::new(format!("/proc/self/ns/{k}")).unwrap_or_default(),
-                std::ffi::CString::new(ns_dir.join(k).as_os_str().as_encoded_bytes()).unwrap_or_default(),
+                std::ffi::CString::new(ns_dir.join(k).as_os_str().as_encoded_bytes())
+                    .unwrap_or_default(),
             )
         })
         .collect();
@@ -192,7 +206,14 @@ fn create_sandbox(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
                 libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len());
             }
             for (src, dst) in &targets {
-                if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
                     libc::_exit(2);
                 }
             }
@@ -231,7 +252,9 @@ fn setup_pod_cgroup(cfg: &SandboxConfig) {
     }
     if let Some(m) = cfg.memory_limit {
         let _ = std::fs::write(
-            Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.limit_in_bytes"),
+            Path::new("/sys/fs/cgroup/memory")
+                .join(rel)
+                .join("memory.limit_in_bytes"),
             m.to_string(),
         );
     }
@@ -265,7 +288,8 @@ fn run(dir: &Path) -> Result<(), String> {
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
-    std::fs::write(dir.join("shim.pid"), std::process::id().to_string()).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("shim.pid"), std::process::id().to_string())
+        .map_err(|e| e.to_string())?;
     create_sandbox(dir, &cfg)?;
     setup_pod_cgroup(&cfg);
     let lc_root = dir.join("lc");
@@ -285,7 +309,8 @@ fn run(dir: &Path) -> Result<(), String> {
     }
     let sock = dir.join(super::SOCK);
     let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).map_err(|e| format!("binding {}: {e}", sock.display()))?;
+    let listener =
+        UnixListener::bind(&sock).map_err(|e| format!("binding {}: {e}", sock.display()))?;
     log(&format!("pod {} sandbox ready", cfg.pod_uid));
     let mut shim = Shim {
         dir: dir.to_path_buf(),
@@ -296,14 +321,26 @@ fn run(dir: &Path) -> Result<(), String> {
     };
     loop {
         let mut fds = vec![
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: sig_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sig_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let mut which = Vec::new();
         for (i, c) in shim.ctrs.iter().enumerate() {
             for (s, p) in c.pipes.iter().enumerate() {
                 if let Some(p) = p {
-                    fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                    fds.push(libc::pollfd {
+                        fd: p.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
                     which.push((i, s));
                 }
             }
@@ -338,8 +375,12 @@ fn run(dir: &Path) -> Result<(), String> {
 
 impl Shim {
     fn read_pipe(&mut self, i: usize, s: usize) {
-        let Some(c) = self.ctrs.get_mut(i) else { return };
-        let Some(fd) = c.pipes[s].as_ref() else { return };
+        let Some(c) = self.ctrs.get_mut(i) else {
+            return;
+        };
+        let Some(fd) = c.pipes[s].as_ref() else {
+            return;
+        };
         let mut buf = [0u8; 65536];
         for _ in 0..16 {
             // SAFETY: reading into our buffer from a descriptor we own.
@@ -374,7 +415,9 @@ impl Shim {
             if pid <= 0 {
                 break;
             }
-            let Some(i) = self.pids.remove(&pid) else { continue };
+            let Some(i) = self.pids.remove(&pid) else {
+                continue;
+            };
             // Drain what the container wrote before it went.
             for s in 0..2 {
                 self.read_pipe(i, s);
@@ -401,7 +444,10 @@ impl Shim {
                 }
                 .into(),
             );
-            log(&format!("container {} ({}) exited with {code}", c.status.name, c.status.id));
+            log(&format!(
+                "container {} ({}) exited with {code}",
+                c.status.name, c.status.id
+            ));
             self.save();
         }
     }
@@ -448,7 +494,11 @@ impl Shim {
                 self.remove(&name, Some(attempt));
                 Response::Ok(Value::Null)
             }
-            Request::Exec { name, argv, timeout_ms } => {
+            Request::Exec {
+                name,
+                argv,
+                timeout_ms,
+            } => {
                 self.exec(conn, &name, argv, Duration::from_millis(timeout_ms));
                 return false;
             }
@@ -476,12 +526,17 @@ impl Shim {
             return Err("the image has no layers".into());
         }
         if let Some(i) = self.latest(&cfg.name) {
-            if self.ctrs[i].status.attempt >= cfg.attempt && self.ctrs[i].status.state != ContainerState::Exited {
+            if self.ctrs[i].status.attempt >= cfg.attempt
+                && self.ctrs[i].status.state != ContainerState::Exited
+            {
                 return Ok(self.ctrs[i].status.clone());
             }
         }
         let id = random_id();
-        let bundle = self.cfg.state_dir.join(format!("{}-{}", cfg.name, cfg.attempt));
+        let bundle = self
+            .cfg
+            .state_dir
+            .join(format!("{}-{}", cfg.name, cfg.attempt));
         let _ = std::fs::remove_dir_all(&bundle);
         let rootfs = bundle.join("rootfs");
         for d in ["upper", "work", "rootfs"] {
@@ -500,7 +555,8 @@ impl Shim {
             bundle.join("work").display()
         );
         let c_opts = std::ffi::CString::new(opts).map_err(|e| e.to_string())?;
-        let c_target = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        let c_target = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes())
+            .map_err(|e| e.to_string())?;
         // SAFETY: mounting an overlay on our own directory with NUL-terminated arguments.
         let rc = unsafe {
             libc::mount(
@@ -512,12 +568,18 @@ impl Shim {
             )
         };
         if rc != 0 {
-            return Err(format!("mounting the container's rootfs: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "mounting the container's rootfs: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         let cgroup = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
         let config = spec::build(cfg, &self.cfg, &self.dir.join("ns"), &rootfs, &cgroup);
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config).unwrap_or_default())
-            .map_err(|e| e.to_string())?;
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec_pretty(&config).unwrap_or_default(),
+        )
+        .map_err(|e| e.to_string())?;
         let now = super::now_rfc3339_nanos();
         let mut status = ContainerStatus {
             name: cfg.name.clone(),
@@ -575,14 +637,18 @@ impl Shim {
                     oom_before: oom_kills(&cgroup),
                     cgroup,
                 });
-                log_line(&format!("container {} ({id}) started, pid {pid:?}", cfg.name));
+                log_line(&format!(
+                    "container {} ({id}) started, pid {pid:?}",
+                    cfg.name
+                ));
             }
             Err(e) => {
                 // Whatever the init wrote (e.g. exec errors) goes to the log too.
                 let mut buf = [0u8; 8192];
                 for fd in [&out_r, &err_r] {
                     // SAFETY: reading from our own non-blocking pipe.
-                    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    let n =
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                     if n > 0 {
                         log.feed(1, &buf[..n as usize]);
                     }
@@ -629,7 +695,9 @@ impl Shim {
     }
 
     fn kill(&mut self, name: &str, signal: i32) -> Result<(), String> {
-        let i = self.latest(name).ok_or_else(|| format!("no container {name:?}"))?;
+        let i = self
+            .latest(name)
+            .ok_or_else(|| format!("no container {name:?}"))?;
         if self.ctrs[i].status.state != ContainerState::Running {
             return Ok(());
         }
@@ -698,7 +766,12 @@ impl Shim {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.ctrs.iter().any(|c| c.status.state == ContainerState::Running) && Instant::now() < deadline {
+        while self
+            .ctrs
+            .iter()
+            .any(|c| c.status.state == ContainerState::Running)
+            && Instant::now() < deadline
+        {
             self.reap();
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -722,8 +795,14 @@ impl Shim {
     /// Runs a command in a running container; a forked child does the work and answers, so
     /// the loop keeps serving.
     fn exec(&mut self, conn: UnixStream, name: &str, argv: Vec<String>, timeout: Duration) {
-        let Some(i) = self.latest(name).filter(|i| self.ctrs[*i].status.state == ContainerState::Running) else {
-            reply(&conn, Response::Err(format!("container {name:?} is not running")));
+        let Some(i) = self
+            .latest(name)
+            .filter(|i| self.ctrs[*i].status.state == ContainerState::Running)
+        else {
+            reply(
+                &conn,
+                Response::Err(format!("container {name:?} is not running")),
+            );
             return;
         };
         let id = self.ctrs[i].status.id.clone();
@@ -755,7 +834,12 @@ fn log_line(s: &str) {
     log(s)
 }
 
-fn exec_in(lc_root: &Path, id: &str, argv: Vec<String>, timeout: Duration) -> Result<ExecResult, String> {
+fn exec_in(
+    lc_root: &Path,
+    id: &str,
+    argv: Vec<String>,
+    timeout: Duration,
+) -> Result<ExecResult, String> {
     let (out_r, out_w) = pipe().map_err(|e| e.to_string())?;
     let (err_r, err_w) = pipe().map_err(|e| e.to_string())?;
     set_nonblocking(out_r.as_raw_fd());
@@ -785,7 +869,8 @@ fn exec_in(lc_root: &Path, id: &str, argv: Vec<String>, timeout: Duration) -> Re
             let mut b = [0u8; 16384];
             loop {
                 // SAFETY: reading from our own non-blocking pipe.
-                let n = unsafe { libc::read(fd.as_fd().as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+                let n =
+                    unsafe { libc::read(fd.as_fd().as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
                 if n <= 0 {
                     break;
                 }

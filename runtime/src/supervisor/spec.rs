@@ -27,14 +27,46 @@ pub const DEFAULT_CAPS: &[&str] = &[
 
 /// Every capability (privileged containers).
 pub const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
-    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
 ];
 
@@ -77,13 +109,25 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> (u32, u32) {
         Ok(n) => {
             uid = n;
             if let Some(l) = passwd.lines().find(|l| l.split(':').nth(2) == Some(u)) {
-                gid = l.split(':').nth(3).and_then(|x| x.parse().ok()).unwrap_or(0);
+                gid = l
+                    .split(':')
+                    .nth(3)
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
             }
         }
         Err(_) => {
             if let Some(l) = passwd.lines().find(|l| l.split(':').next() == Some(u)) {
-                uid = l.split(':').nth(2).and_then(|x| x.parse().ok()).unwrap_or(0);
-                gid = l.split(':').nth(3).and_then(|x| x.parse().ok()).unwrap_or(0);
+                uid = l
+                    .split(':')
+                    .nth(2)
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
+                gid = l
+                    .split(':')
+                    .nth(3)
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
             }
         }
     }
@@ -111,11 +155,20 @@ pub fn build(
 ) -> Value {
     let (img_uid, img_gid) = resolve_user(rootfs, &cfg.image_user);
     let uid = cfg.uid.unwrap_or(img_uid);
-    let gid = cfg.gid.unwrap_or(if cfg.uid.is_some() && cfg.image_user.is_empty() { 0 } else { img_gid });
+    let gid = cfg
+        .gid
+        .unwrap_or(if cfg.uid.is_some() && cfg.image_user.is_empty() {
+            0
+        } else {
+            img_gid
+        });
     let caps = capabilities(cfg);
     // The shim's own hard limit (raising it needs more than this machine may grant).
     let nofile = {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit fills the struct we own.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
         r.rlim_max.min(1 << 20)
@@ -195,12 +248,24 @@ pub fn build(
     });
     if !cfg.privileged {
         linux["maskedPaths"] = json!([
-            "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-            "/sys/firmware", "/sys/devices/virtual/powercap",
+            "/proc/acpi",
+            "/proc/asound",
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/latency_stats",
+            "/proc/timer_list",
+            "/proc/timer_stats",
+            "/proc/sched_debug",
+            "/proc/scsi",
+            "/sys/firmware",
+            "/sys/devices/virtual/powercap",
         ]);
         linux["readonlyPaths"] = json!([
-            "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger",
         ]);
     }
     let mut additional: Vec<u32> = cfg.supplemental_gids.clone();
@@ -280,7 +345,11 @@ mod tests {
     fn image_users_resolve_against_the_rootfs() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("etc")).unwrap();
-        std::fs::write(d.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n").unwrap();
+        std::fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nweb:x:1000:1001::/:/bin/sh\n",
+        )
+        .unwrap();
         std::fs::write(d.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
         assert_eq!(resolve_user(d.path(), "web"), (1000, 1001));
         assert_eq!(resolve_user(d.path(), "1000"), (1000, 1001));

@@ -22,6 +22,8 @@ need nsenter util-linux
 need docker-registry docker-registry
 need htpasswd apache2-utils
 need runc runc
+need zstd zstd
+need python3 python3
 need pkg-config pkg-config
 [ -e /usr/include/seccomp.h ] || missing="$missing libseccomp-dev"
 

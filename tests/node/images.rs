@@ -202,9 +202,9 @@ spec:
         image_id.starts_with(&format!("127.0.0.1:{port}/test/busybox@sha256:")),
         "{image_id}"
     );
-    let images = n.jsonpath(&["node", &n.name], "{.status.images[*].names}");
-    assert!(
-        images.contains(&format!("127.0.0.1:{port}/test/busybox:v1")),
-        "{images}"
-    );
+    // The node lists the pulled image with its next status update.
+    n.wait_for("the node's image list", T, || {
+        n.jsonpath(&["node", &n.name], "{.status.images[*].names}")
+            .contains(&format!("127.0.0.1:{port}/test/busybox:v1"))
+    });
 }

@@ -100,7 +100,15 @@ pub fn unpack_layer(
     ar.set_preserve_mtime(true);
     ar.set_unpack_xattrs(true);
     ar.set_overwrite(true);
-    let bad = |e: std::io::Error| ImageError::Invalid(format!("layer {diff_id}: {e}"));
+    let bad = |e: std::io::Error| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        ImageError::Invalid(format!("layer {diff_id}: {msg}"))
+    };
     for entry in ar.entries().map_err(bad)? {
         let mut e = entry.map_err(bad)?;
         let path = e.path().map_err(bad)?.into_owned();

@@ -126,6 +126,8 @@ fn main() {
             }
         }
     }
+    // One crypto provider for every rustls user in the process (API client, registry pulls).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,

@@ -404,3 +404,34 @@ spec:
             .contains("greeting=bonjour")
     });
 }
+
+#[test]
+fn containers_get_the_default_capabilities_and_drop_all_removes_them() {
+    let n = Node::start();
+    n.apply(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: caps}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: default
+    image: busybox
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "grep CapEff /proc/self/status"]
+  - name: dropped
+    image: busybox
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "grep CapEff /proc/self/status"]
+    securityContext: {capabilities: {drop: [ALL], add: [NET_BIND_SERVICE]}}
+"#,
+    );
+    n.wait_phase("caps", "Succeeded", T);
+    let uid = n.pod_field("caps", "{.metadata.uid}");
+    let dir = n.log_dir().join(format!("default_caps_{uid}"));
+    let default = std::fs::read_to_string(dir.join("default/0.log")).unwrap();
+    // containerd's default capability set.
+    assert!(default.contains("CapEff:\t00000000a80425fb"), "{default}");
+    let dropped = std::fs::read_to_string(dir.join("dropped/0.log")).unwrap();
+    assert!(dropped.contains("CapEff:\t0000000000000400"), "{dropped}");
+}

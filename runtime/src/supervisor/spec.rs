@@ -92,6 +92,50 @@ pub fn capabilities(cfg: &ContainerConfig) -> Vec<String> {
     caps
 }
 
+/// Syscalls the default profile refuses with EPERM: the kernel-, clock-, key-, module- and
+/// accounting-level calls Docker's and containerd's default profiles also keep from
+/// containers (a deny list: everything else is allowed).
+pub const SECCOMP_DENIED: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "delete_module",
+    "finit_module",
+    "init_module",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount2",
+    "unshare",
+    "userfaultfd",
+];
+
+/// The default seccomp profile (RuntimeDefault).
+pub fn default_seccomp() -> Value {
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": SECCOMP_DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    })
+}
+
 /// Resolves the image's `USER` (`name`, `uid`, `uid:gid`, `name:group`) against the rootfs.
 pub fn resolve_user(rootfs: &Path, user: &str) -> (u32, u32) {
     if user.is_empty() {
@@ -246,6 +290,9 @@ pub fn build(
         "cgroupsPath": cgroups_path,
         "resources": resources,
     });
+    if cfg.seccomp_default && !cfg.privileged && cfg!(feature = "seccomp") {
+        linux["seccomp"] = default_seccomp();
+    }
     if !cfg.privileged {
         linux["maskedPaths"] = json!([
             "/proc/acpi",

@@ -24,8 +24,6 @@ need htpasswd apache2-utils
 need runc runc
 need zstd zstd
 need python3 python3
-need pkg-config pkg-config
-[ -e /usr/include/seccomp.h ] || missing="$missing libseccomp-dev"
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "deps: cargo is not installed; install a Rust toolchain (https://rustup.rs) first" >&2

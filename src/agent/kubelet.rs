@@ -227,6 +227,12 @@ impl Agent {
         let target = m.disk_bytes * self.cfg.thresholds.image_gc_low as u64 / 100;
         let to_free = used.saturating_sub(target);
         let mut in_use = HashSet::new();
+        // Air-gap images are pinned, as k3s pins its imported images.
+        for i in self.images.list() {
+            if i.imported {
+                in_use.insert(i.id);
+            }
+        }
         for w in self.workers.lock().values() {
             let Some(pod) = w.tx.borrow().clone() else {
                 continue;

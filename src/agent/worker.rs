@@ -599,7 +599,8 @@ impl Worker {
             }
         });
         let local = self.agent.images.get(&reference);
-        let airgap = self.agent.airgap_images.lock().contains(&reference);
+        let airgap = local.as_ref().is_some_and(|l| l.imported)
+            || self.agent.airgap_images.lock().contains(&reference);
         match (policy.as_str(), local) {
             ("Never", Some(l)) | ("IfNotPresent", Some(l)) => {
                 self.agent.events.record(

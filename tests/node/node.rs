@@ -177,6 +177,14 @@ impl Node {
             .arg("--write-kubeconfig")
             .arg(self.kubeconfig())
             .args(["--node-ip", NODE_IP, "--node-name", &self.name])
+            // Test machines' disks may be nearly full: no pressure eviction or image GC
+            // unless a test asks for it.
+            .args([
+                "--kubelet-arg",
+                "eviction-hard=memory.available<1Mi,nodefs.available<1%",
+                "--kubelet-arg",
+                "image-gc-high-threshold=100",
+            ])
             .arg("--run-dir")
             .arg(self.run_dir())
             .arg("--pod-log-dir")

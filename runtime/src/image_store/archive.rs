@@ -49,7 +49,8 @@ pub fn image_config(cfg: &Value) -> (ImageConfig, Vec<String>) {
 fn verified(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     let hex = digest
         .strip_prefix("sha256:")
-        .ok_or_else(|| ImageError::Invalid(format!("unsupported digest {digest}")))?;
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| ImageError::Invalid(format!("unsupported digest {digest:?}")))?;
     let p = dir.join("blobs/sha256").join(hex);
     if !p.exists() {
         return Err(ImageError::Invalid(format!(
@@ -102,6 +103,7 @@ fn record(
         blobs,
         manifest_digest: manifest_digest.to_string(),
         last_used: 0,
+        imported: false,
     })
 }
 
@@ -147,11 +149,40 @@ fn oci_manifest(
     Ok(())
 }
 
+/// A regular file named by a docker archive's manifest.json, which must stay inside the
+/// unpacked archive (no `..`, no absolute path, no symlink leading out; `docker save` links
+/// shared layers to each other, so links inside are followed).
+fn archive_file(dir: &Path, rel: &str) -> Result<PathBuf, ImageError> {
+    let escapes = || ImageError::Invalid(format!("{rel:?} escapes the archive"));
+    let rel_path = Path::new(rel);
+    if rel.is_empty()
+        || !rel_path
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(escapes());
+    }
+    let p = dir.join(rel_path);
+    let real = p
+        .canonicalize()
+        .map_err(io(format!("{rel} in the archive")))?;
+    let root = dir.canonicalize().map_err(io(dir.display()))?;
+    if !real.starts_with(&root) {
+        return Err(escapes());
+    }
+    if !std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+        return Err(ImageError::Invalid(format!(
+            "{rel:?} in the archive is not a regular file"
+        )));
+    }
+    Ok(real)
+}
+
 fn docker_archive(dir: &Path) -> Result<Found, ImageError> {
     let manifest = read_json(&dir.join("manifest.json"))?;
     let mut out = Vec::new();
     for m in manifest.as_array().cloned().unwrap_or_default() {
-        let config_file = dir.join(m["Config"].as_str().unwrap_or_default());
+        let config_file = archive_file(dir, m["Config"].as_str().unwrap_or_default())?;
         let config_hex = sha256_file(&config_file)?;
         let config_digest = format!("sha256:{config_hex}");
         let cfg = read_json(&config_file)?;
@@ -159,18 +190,17 @@ fn docker_archive(dir: &Path) -> Result<Found, ImageError> {
         let mut blobs = Vec::new();
         let mut descriptors = Vec::new();
         for l in m["Layers"].as_array().cloned().unwrap_or_default() {
-            let p = dir.join(l.as_str().unwrap_or_default());
-            if !p.starts_with(dir) {
-                return Err(ImageError::Invalid("layer path escapes the archive".into()));
-            }
+            let p = archive_file(dir, l.as_str().unwrap_or_default())?;
             let hex = sha256_file(&p)?;
-            let mut magic = [0u8; 2];
+            let mut magic = [0u8; 4];
             use std::io::Read;
             let _ = std::fs::File::open(&p)
                 .map_err(io(p.display()))?
                 .read(&mut magic);
-            let media_type = if magic == [0x1f, 0x8b] {
+            let media_type = if magic[..2] == [0x1f, 0x8b] {
                 "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
+                "application/vnd.oci.image.layer.v1.tar+zstd"
             } else {
                 "application/vnd.docker.image.rootfs.diff.tar"
             };

@@ -70,6 +70,10 @@ pub struct ImageRecord {
     pub manifest_digest: String,
     #[serde(default)]
     pub last_used: u64,
+    /// Whether the image came from an archive (air-gap import): such images are used as
+    /// they are, without asking a registry, and kept by garbage collection.
+    #[serde(default)]
+    pub imported: bool,
 }
 
 /// Credentials from imagePullSecrets: (registry host, user, password).
@@ -164,7 +168,15 @@ pub fn normalize_reference(r: &str) -> Result<String, ImageError> {
     let first = path.split('/').next().unwrap_or_default();
     let has_registry =
         path.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
-    let full = if has_registry {
+    let full = if has_registry && (first == "docker.io" || first == "index.docker.io") {
+        // Docker Hub spelled out: official images still live under library/.
+        let rest = &path[first.len() + 1..];
+        if rest.contains('/') {
+            format!("docker.io/{rest}")
+        } else {
+            format!("docker.io/library/{rest}")
+        }
+    } else if has_registry {
         path.to_string()
     } else if path.contains('/') {
         format!("docker.io/{path}")
@@ -333,6 +345,7 @@ impl ImageStore {
                 }
             }
             existing.last_used = now_secs();
+            existing.imported |= rec.imported;
             rec = existing.clone();
         } else {
             rec.last_used = now_secs();
@@ -522,6 +535,8 @@ impl ImageStore {
                         .map_err(io(dst.display()))?;
                 }
             }
+            let mut rec = rec;
+            rec.imported = true;
             out.push(self.add(rec)?);
         }
         Ok(out)
@@ -581,17 +596,14 @@ impl ImageStore {
         registries: &Registries,
     ) -> Result<ImageRecord, ImageError> {
         let reference = normalize_reference(reference)?;
-        let (rec, blobs) = pull::pull(&reference, auth, registries).await?;
-        let store = self.clone();
         let tmp = self.tmp_dir()?;
-        for (digest, data) in blobs {
-            let dst = store.blob_path(&digest);
-            if dst.exists() {
-                continue;
+        let have = |digest: &str| self.blob_path(digest).exists();
+        let (rec, files) = pull::pull(&reference, auth, registries, tmp.path(), &have).await?;
+        for (digest, file) in files {
+            let dst = self.blob_path(&digest);
+            if !dst.exists() {
+                std::fs::rename(&file, &dst).map_err(io(dst.display()))?;
             }
-            let t = tmp.path().join(digest.trim_start_matches("sha256:"));
-            std::fs::write(&t, &data).map_err(io(t.display()))?;
-            std::fs::rename(&t, &dst).map_err(io(dst.display()))?;
         }
         self.add(rec)
     }
@@ -615,6 +627,20 @@ mod tests {
             normalize_reference("127.0.0.1:5000/x").unwrap(),
             "127.0.0.1:5000/x:latest"
         );
+        assert_eq!(
+            normalize_reference("docker.io/busybox:1").unwrap(),
+            "docker.io/library/busybox:1"
+        );
+        assert_eq!(
+            normalize_reference("index.docker.io/foo/bar").unwrap(),
+            "docker.io/foo/bar:latest"
+        );
+        assert_eq!(
+            normalize_reference("docker.io/library/busybox:latest").unwrap(),
+            "docker.io/library/busybox:latest"
+        );
+        assert!(normalize_reference("a//b").is_err());
+        assert!(normalize_reference("busybox@sha256:abc").is_err());
         assert_eq!(
             normalize_reference("localhost/x:v2").unwrap(),
             "localhost/x:v2"

@@ -58,11 +58,7 @@ pub const JUMPS: &[(&str, &str, &str)] = &[
 ];
 
 /// The content of k3rs's chains.
-pub fn rules(
-    cluster: ipnet::Ipv4Net,
-    pod_cidr: ipnet::Ipv4Net,
-    host_ports: &[HostPortMapping],
-) -> String {
+pub fn rules(cluster: ipnet::Ipv4Net, host_ports: &[HostPortMapping]) -> String {
     let mut s = String::new();
     s.push_str("*filter\n:K3RS-FORWARD - [0:0]\n");
     s.push_str(&format!("-A K3RS-FORWARD -s {cluster} -j ACCEPT\n"));
@@ -88,10 +84,6 @@ pub fn rules(
             ip = m.pod_ip
         ));
     }
-    // Locally originated hostport traffic (127.0.0.1 → pod) needs a routable source.
-    s.push_str(&format!(
-        "-A K3RS-POSTROUTING -s 127.0.0.0/8 -d {pod_cidr} -j MASQUERADE\n"
-    ));
     s.push_str(&format!(
         "-A K3RS-POSTROUTING -s {cluster} -d {cluster} -j RETURN\n"
     ));
@@ -194,33 +186,53 @@ fn apply_blocking(netns: Option<&Path>, chains: &str) -> Result<(), NetError> {
 mod tests {
     use super::*;
 
+    const HEAD: &str = "*filter\n:K3RS-FORWARD - [0:0]\n\
+        -A K3RS-FORWARD -s 10.42.0.0/16 -j ACCEPT\n\
+        -A K3RS-FORWARD -d 10.42.0.0/16 -j ACCEPT\n\
+        COMMIT\n*nat\n:K3RS-POSTROUTING - [0:0]\n:K3RS-HOSTPORTS - [0:0]\n";
+    const TAIL: &str = "-A K3RS-POSTROUTING -s 10.42.0.0/16 -d 10.42.0.0/16 -j RETURN\n\
+        -A K3RS-POSTROUTING -s 10.42.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE\n\
+        COMMIT\n";
+
+    fn map(
+        host_ip: Option<[u8; 4]>,
+        port: u16,
+        p: Protocol,
+        pod: u8,
+        cport: u16,
+    ) -> HostPortMapping {
+        HostPortMapping {
+            host_ip: host_ip.map(Ipv4Addr::from),
+            host_port: port,
+            protocol: p,
+            pod_ip: Ipv4Addr::new(10, 42, 1, pod),
+            container_port: cport,
+        }
+    }
+
     #[test]
     fn rules_masquerade_leaving_traffic_and_map_host_ports() {
-        let cluster = "10.42.0.0/16".parse().unwrap();
-        let pods = "10.42.1.0/24".parse().unwrap();
-        let text = rules(
-            cluster,
-            pods,
-            &[HostPortMapping {
-                host_ip: None,
-                host_port: 8080,
-                protocol: Protocol::Tcp,
-                pod_ip: Ipv4Addr::new(10, 42, 1, 5),
-                container_port: 80,
-            }],
-        );
-        assert_eq!(
-            text,
-            "*filter\n:K3RS-FORWARD - [0:0]\n\
-             -A K3RS-FORWARD -s 10.42.0.0/16 -j ACCEPT\n\
-             -A K3RS-FORWARD -d 10.42.0.0/16 -j ACCEPT\n\
-             COMMIT\n*nat\n:K3RS-POSTROUTING - [0:0]\n:K3RS-HOSTPORTS - [0:0]\n\
-             -A K3RS-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.42.1.5:80\n\
-             -A K3RS-POSTROUTING -s 10.42.1.5/32 -d 10.42.1.5/32 -p tcp -m tcp --dport 80 -j MASQUERADE\n\
-             -A K3RS-POSTROUTING -s 127.0.0.0/8 -d 10.42.1.0/24 -j MASQUERADE\n\
-             -A K3RS-POSTROUTING -s 10.42.0.0/16 -d 10.42.0.0/16 -j RETURN\n\
-             -A K3RS-POSTROUTING -s 10.42.0.0/16 ! -d 224.0.0.0/4 -j MASQUERADE\n\
-             COMMIT\n"
-        );
+        let cases: Vec<(Vec<HostPortMapping>, &str)> = vec![
+            (vec![], ""),
+            (
+                vec![map(None, 8080, Protocol::Tcp, 5, 80)],
+                "-A K3RS-HOSTPORTS -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.42.1.5:80\n\
+                 -A K3RS-POSTROUTING -s 10.42.1.5/32 -d 10.42.1.5/32 -p tcp -m tcp --dport 80 -j MASQUERADE\n",
+            ),
+            (
+                vec![
+                    map(Some([192, 168, 1, 10]), 53, Protocol::Udp, 7, 5353),
+                    map(None, 9000, Protocol::Sctp, 8, 9000),
+                ],
+                "-A K3RS-HOSTPORTS -d 192.168.1.10/32 -p udp -m udp --dport 53 -j DNAT --to-destination 10.42.1.7:5353\n\
+                 -A K3RS-HOSTPORTS -p sctp -m sctp --dport 9000 -j DNAT --to-destination 10.42.1.8:9000\n\
+                 -A K3RS-POSTROUTING -s 10.42.1.7/32 -d 10.42.1.7/32 -p udp -m udp --dport 5353 -j MASQUERADE\n\
+                 -A K3RS-POSTROUTING -s 10.42.1.8/32 -d 10.42.1.8/32 -p sctp -m sctp --dport 9000 -j MASQUERADE\n",
+            ),
+        ];
+        for (ports, middle) in cases {
+            let got = rules("10.42.0.0/16".parse().unwrap(), &ports);
+            assert_eq!(got, format!("{HEAD}{middle}{TAIL}"), "for {ports:?}");
+        }
     }
 }

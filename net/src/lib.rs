@@ -44,7 +44,8 @@ pub struct PodNetwork {
     cfg: PodNetworkConfig,
     ipam: Ipam,
     host_ports: parking_lot::Mutex<Vec<HostPortMapping>>,
-    last_rules: parking_lot::Mutex<String>,
+    /// The rules last applied; held across an apply so batches never interleave.
+    last_rules: tokio::sync::Mutex<String>,
 }
 
 impl std::fmt::Debug for PodNetwork {
@@ -84,7 +85,7 @@ impl PodNetwork {
             cfg,
             ipam,
             host_ports: parking_lot::Mutex::new(Vec::new()),
-            last_rules: parking_lot::Mutex::new(String::new()),
+            last_rules: tokio::sync::Mutex::new(String::new()),
         };
         n.sync_rules().await?;
         Ok(n)
@@ -95,16 +96,13 @@ impl PodNetwork {
     }
 
     async fn sync_rules(&self) -> Result<(), NetError> {
-        let text = rules(
-            self.cfg.cluster_cidr,
-            self.cfg.pod_cidr,
-            &self.host_ports.lock().clone(),
-        );
-        if *self.last_rules.lock() == text {
+        let mut last = self.last_rules.lock().await;
+        let text = rules(self.cfg.cluster_cidr, &self.host_ports.lock().clone());
+        if *last == text {
             return Ok(());
         }
         iptables::apply(self.cfg.host_netns.as_deref(), &text).await?;
-        *self.last_rules.lock() = text;
+        *last = text;
         Ok(())
     }
 
@@ -133,10 +131,7 @@ impl PodNetwork {
     /// Deletes the pod's veth (if any) and releases its address. Idempotent.
     pub async fn detach(&self, pod_id: &str) -> Result<(), NetError> {
         link::delete_link(self.cfg.host_netns.as_deref(), &host_veth(pod_id)).await?;
-        self.ipam.release(pod_id)?;
-        let before = self.host_ports.lock().len();
-        let _ = before;
-        Ok(())
+        self.ipam.release(pod_id)
     }
 
     /// Releases addresses held by pod ids not in `live`; returns how many.
@@ -157,7 +152,14 @@ impl PodNetwork {
         self.sync_rules().await
     }
 
+    /// The addresses handed out, with the pod id holding each.
     pub fn allocations(&self) -> Vec<(Ipv4Addr, String)> {
         self.ipam.allocations()
     }
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<PodNetwork>();
 }

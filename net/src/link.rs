@@ -202,7 +202,7 @@ pub async fn attach(
         .map_err(nl)?;
     exists_ok(p.address().add(pi, IpAddr::V4(ip), prefix).execute().await)?;
     p.link()
-        .set(LinkUnspec::new_with_index(pi).up().build())
+        .set(LinkUnspec::new_with_index(pi).mtu(mtu).up().build())
         .execute()
         .await
         .map_err(nl)?;

@@ -521,6 +521,42 @@ async fn pulls_from_a_local_registry_with_credentials_mirrors_and_errors() {
     assert!(store.get("docker.io/library/busybox:v1").is_some_and(|i| i
         .names
         .contains(&"docker.io/library/busybox:v1".to_string())));
+    assert_eq!(
+        std::fs::read_dir(d.path().join("content/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "nothing half-fetched is left"
+    );
+
+    // A layer corrupted in the registry's storage is refused; the store stays as it was.
+    let layer_hex = &rec.blobs[0].digest[7..];
+    let data = d
+        .path()
+        .join("registry-data/docker/registry/v2/blobs/sha256")
+        .join(&layer_hex[..2])
+        .join(layer_hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let fresh_root = d.path().join("fresh");
+    let fresh = ImageStore::open(&fresh_root).unwrap();
+    let err = fresh
+        .pull(&format!("{host}/test/busybox:v1"), &auth, &registries)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.to_lowercase().contains("digest"), "{err}");
+    assert!(fresh.list().is_empty());
+    for sub in ["blobs/sha256", "tmp", "layers"] {
+        assert_eq!(
+            std::fs::read_dir(fresh_root.join(sub)).unwrap().count(),
+            0,
+            "{sub} is empty"
+        );
+    }
 }
 
 /// A docker archive whose manifest names `layer` for its only layer, with extra tar entries.

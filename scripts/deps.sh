@@ -24,6 +24,9 @@ need htpasswd apache2-utils
 need runc runc
 need zstd zstd
 need python3 python3
+# libcontainer's seccomp support (the default seccomp profile) links libseccomp.
+need pkg-config pkg-config
+pkg-config --exists libseccomp 2>/dev/null || missing="$missing libseccomp-dev"
 
 if ! command -v cargo >/dev/null 2>&1; then
     echo "deps: cargo is not installed; install a Rust toolchain (https://rustup.rs) first" >&2

@@ -6,6 +6,7 @@
 pub mod container;
 pub mod events;
 pub mod kubelet;
+pub mod kubelet_api;
 pub mod node;
 pub mod probes;
 pub mod static_pods;

@@ -2,9 +2,12 @@
 //! its embedded agent runs real containers through libcontainer inside a network namespace
 //! each test creates, driven with the installed `kubectl` (one test binary).
 
+mod debug;
 mod deploy;
 mod images;
 mod lifecycle;
 mod node;
 mod pods;
 mod probes;
+mod stats;
+mod streaming;

@@ -24,6 +24,8 @@ use super::{
 };
 
 static SIGPIPE_W: AtomicI32 = AtomicI32::new(-1);
+/// The pause process of a shared PID namespace, for cleanup after a failed start.
+static PAUSE: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_sigchld(_: libc::c_int) {
     let fd = SIGPIPE_W.load(Ordering::Relaxed);
@@ -61,6 +63,8 @@ struct Shim {
     ctrs: Vec<Ctr>,
     /// pid → index into ctrs.
     pids: HashMap<i32, usize>,
+    /// The init of the pod's shared PID namespace, if any.
+    pause: Option<i32>,
 }
 
 fn cgroup_v2() -> bool {
@@ -191,6 +195,13 @@ fn create_sandbox(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
             )
         })
         .collect();
+    // `lo` of the new network namespace, brought up in the child (the net crate does it
+    // again, harmlessly): containers of a pod talk over localhost from the start.
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut lo: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in lo.ifr_name.iter_mut().zip(b"lo") {
+        *d = *s as libc::c_char;
+    }
     // SAFETY: the shim is single-threaded; the child only makes raw syscalls and _exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -204,6 +215,17 @@ fn create_sandbox(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
             }
             if flags & libc::CLONE_NEWUTS != 0 {
                 libc::sethostname(hostname.as_ptr(), hostname.as_bytes().len());
+            }
+            if flags & libc::CLONE_NEWNET != 0 {
+                let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                if s < 0 || libc::ioctl(s, libc::SIOCGIFFLAGS, &mut lo) != 0 {
+                    libc::_exit(3);
+                }
+                lo.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                if libc::ioctl(s, libc::SIOCSIFFLAGS, &lo) != 0 {
+                    libc::_exit(3);
+                }
+                libc::close(s);
             }
             for (src, dst) in &targets {
                 if libc::mount(
@@ -234,14 +256,123 @@ fn create_sandbox(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// A pod-wide PID namespace (`shareProcessNamespace`): a pause process is its init, reaping
+/// orphans; the namespace is pinned at `<dir>/ns/pid` for the containers to join. Returns the
+/// pause process's pid (ours to reap: we are the subreaper of the child that forked it).
+fn create_pid_sandbox(dir: &Path) -> Result<i32, String> {
+    let target = dir.join("ns").join("pid");
+    std::fs::write(&target, b"").map_err(|e| e.to_string())?;
+    let target =
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let (r, w) = pipe().map_err(|e| e.to_string())?;
+    // `/proc/<pid>/ns/pid` with room for any pid, formatted by the child without allocating.
+    let mut src = [0u8; 32];
+    // SAFETY: the shim is single-threaded; the children only make raw syscalls and _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if pid == 0 {
+        // SAFETY: in the forked child: plain syscalls on data prepared before the fork.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWPID) != 0 {
+                libc::_exit(1);
+            }
+            let pause = libc::fork();
+            if pause < 0 {
+                libc::_exit(2);
+            }
+            if pause == 0 {
+                // PID 1 of the pod: no descriptors of the shim, children reaped by the kernel.
+                libc::close_range(3, libc::c_uint::MAX, 0);
+                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+                loop {
+                    libc::pause();
+                }
+            }
+            // No leading zeros: /proc refuses them.
+            let mut digits = [0u8; 10];
+            let mut k = digits.len();
+            let mut n = pause as u32;
+            loop {
+                k -= 1;
+                digits[k] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            let mut at = 0;
+            for part in [&b"/proc/"[..], &digits[k..], &b"/ns/pid"[..]] {
+                src[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            let ok = libc::mount(
+                src.as_ptr().cast(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) == 0;
+            let b = pause.to_ne_bytes();
+            libc::write(w.as_raw_fd(), b.as_ptr().cast(), b.len());
+            libc::_exit(if ok { 0 } else { 3 });
+        }
+    }
+    drop(w);
+    let mut status = 0;
+    // SAFETY: waiting for the child we just forked.
+    unsafe {
+        libc::waitpid(pid, &mut status, 0);
+    }
+    let mut b = [0u8; 4];
+    let got = (&std::fs::File::from(r)).read(&mut b).unwrap_or(0);
+    let pause = (got == 4).then(|| i32::from_ne_bytes(b));
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        if let Some(p) = pause {
+            // SAFETY: killing the pause process our child started.
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+        }
+        return Err(format!(
+            "creating the pod's PID namespace failed (step {})",
+            libc::WEXITSTATUS(status)
+        ));
+    }
+    pause.ok_or_else(|| "creating the pod's PID namespace: no pause process".to_string())
+}
+
+/// cgroup v1 cpu.shares (2..262144) as a v2 cpu.weight (1..10000), as runc converts them.
+fn shares_to_weight(shares: u64) -> u64 {
+    1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142
+}
+
 fn setup_pod_cgroup(cfg: &SandboxConfig) {
     for d in cgroup_dirs(&cfg.cgroup_parent) {
         let _ = std::fs::create_dir_all(&d);
     }
+    let rel = cfg.cgroup_parent.trim_start_matches('/');
     if cgroup_v2() {
+        // The controllers must be on along the way down for the pod's files to exist (and
+        // for libcontainer's children below it).
+        let mut at = PathBuf::from("/sys/fs/cgroup");
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            let _ = std::fs::write(at.join("cgroup.subtree_control"), "+cpu +memory +pids");
+            at.push(part);
+        }
+        let _ = std::fs::write(at.join("cgroup.subtree_control"), "+cpu +memory +pids");
+        if let Some(s) = cfg.cpu_shares {
+            let _ = std::fs::write(at.join("cpu.weight"), shares_to_weight(s).to_string());
+        }
+        if let Some(q) = cfg.cpu_quota {
+            let _ = std::fs::write(at.join("cpu.max"), format!("{q} 100000"));
+        }
+        if let Some(m) = cfg.memory_limit {
+            let _ = std::fs::write(at.join("memory.max"), m.to_string());
+        }
         return;
     }
-    let rel = cfg.cgroup_parent.trim_start_matches('/');
     let cpu = Path::new("/sys/fs/cgroup/cpu").join(rel);
     if let Some(s) = cfg.cpu_shares {
         let _ = std::fs::write(cpu.join("cpu.shares"), s.to_string());
@@ -266,6 +397,18 @@ pub fn shim_main(dir: &Path) -> ! {
         Ok(()) => 0,
         Err(e) => {
             log(&format!("fatal: {e}"));
+            // Undo a half-made sandbox: nothing of it may outlive us.
+            let pause = PAUSE.load(Ordering::Relaxed);
+            if pause > 0 {
+                // SAFETY: killing the pause process we started.
+                unsafe {
+                    libc::kill(pause, libc::SIGKILL);
+                }
+            }
+            for k in ["net", "ipc", "uts", "pid"] {
+                umount(&dir.join("ns").join(k));
+            }
+            umount(&dir.join("shm"));
             1
         }
     };
@@ -291,6 +434,14 @@ fn run(dir: &Path) -> Result<(), String> {
     std::fs::write(dir.join("shim.pid"), std::process::id().to_string())
         .map_err(|e| e.to_string())?;
     create_sandbox(dir, &cfg)?;
+    create_pod_shm(dir, &cfg)?;
+    let pause = if cfg.share_pid && !cfg.host_pid {
+        let p = create_pid_sandbox(dir)?;
+        PAUSE.store(p, Ordering::Relaxed);
+        Some(p)
+    } else {
+        None
+    };
     setup_pod_cgroup(&cfg);
     let lc_root = dir.join("lc");
     std::fs::create_dir_all(&lc_root).map_err(|e| e.to_string())?;
@@ -318,6 +469,7 @@ fn run(dir: &Path) -> Result<(), String> {
         lc_root,
         ctrs: Vec::new(),
         pids: HashMap::new(),
+        pause,
     };
     loop {
         let mut fds = vec![
@@ -373,7 +525,73 @@ fn run(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Mounts a container's overlay rootfs. `volatile` (Linux 5.10+, tried first) spares the
+/// unmount a sync of the whole upper filesystem (hundreds of ms on a busy node, and a flush
+/// of everyone's dirty data): the writable layer is thrown away with the container anyway.
+fn mount_overlay(rootfs: &Path, opts: &str) -> Result<(), String> {
+    let target =
+        std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let mut last = None;
+    for o in [format!("{opts},volatile"), opts.to_string()] {
+        let c_opts = std::ffi::CString::new(o).map_err(|e| e.to_string())?;
+        // SAFETY: mounting an overlay on our own directory with NUL-terminated arguments.
+        let rc = unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                target.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                c_opts.as_ptr().cast(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        last = Some(std::io::Error::last_os_error());
+    }
+    Err(format!(
+        "mounting the container's rootfs: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+/// The pod's /dev/shm: a tmpfs of its own (the host's with host IPC).
+fn create_pod_shm(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
+    if cfg.host_ipc {
+        return Ok(());
+    }
+    let shm = dir.join("shm");
+    std::fs::create_dir_all(&shm).map_err(|e| e.to_string())?;
+    let target =
+        std::ffi::CString::new(shm.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: mounting a tmpfs on our own directory with NUL-terminated arguments.
+    let rc = unsafe {
+        libc::mount(
+            c"shm".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=1777,size=65536k".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "mounting the pod's /dev/shm: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 impl Shim {
+    fn shm(&self) -> PathBuf {
+        if self.cfg.host_ipc {
+            PathBuf::from("/dev/shm")
+        } else {
+            self.dir.join("shm")
+        }
+    }
+
     fn read_pipe(&mut self, i: usize, s: usize) {
         let Some(c) = self.ctrs.get_mut(i) else {
             return;
@@ -454,7 +672,9 @@ impl Shim {
 
     /// Handles one connection; returns true when the shim should exit.
     fn serve(&mut self, conn: UnixStream) -> bool {
+        // Bounded both ways: a stuck client must not hold the loop (and the logs) for long.
         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
         let mut line = String::new();
         let mut r = BufReader::new(&conn);
         if r.read_line(&mut line).is_err() {
@@ -554,27 +774,16 @@ impl Shim {
             bundle.join("upper").display(),
             bundle.join("work").display()
         );
-        let c_opts = std::ffi::CString::new(opts).map_err(|e| e.to_string())?;
-        let c_target = std::ffi::CString::new(rootfs.as_os_str().as_encoded_bytes())
-            .map_err(|e| e.to_string())?;
-        // SAFETY: mounting an overlay on our own directory with NUL-terminated arguments.
-        let rc = unsafe {
-            libc::mount(
-                c"overlay".as_ptr(),
-                c_target.as_ptr(),
-                c"overlay".as_ptr(),
-                0,
-                c_opts.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return Err(format!(
-                "mounting the container's rootfs: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        mount_overlay(&rootfs, &opts)?;
         let cgroup = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
-        let config = spec::build(cfg, &self.cfg, &self.dir.join("ns"), &rootfs, &cgroup);
+        let config = spec::build(
+            cfg,
+            &self.cfg,
+            &self.dir.join("ns"),
+            &self.shm(),
+            &rootfs,
+            &cgroup,
+        );
         std::fs::write(
             bundle.join("config.json"),
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
@@ -783,8 +992,24 @@ impl Shim {
             self.delete_at(i);
         }
         self.ctrs.clear();
-        for k in ["net", "ipc", "uts"] {
+        if let Some(p) = self.pause.take() {
+            // SAFETY: killing and reaping the pause process (our child through the subreaper).
+            unsafe {
+                libc::kill(p, libc::SIGKILL);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // SAFETY: as above.
+            while unsafe { libc::waitpid(p, std::ptr::null_mut(), libc::WNOHANG) } == 0
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for k in ["net", "ipc", "uts", "pid"] {
             umount(&self.dir.join("ns").join(k));
+        }
+        if !self.cfg.host_ipc {
+            umount(&self.dir.join("shm"));
         }
         for d in cgroup_dirs(&self.cfg.cgroup_parent) {
             rmdir_tree(&d);
@@ -806,6 +1031,7 @@ impl Shim {
             return;
         };
         let id = self.ctrs[i].status.id.clone();
+        let bundle = self.ctrs[i].bundle.clone();
         let lc_root = self.lc_root.clone();
         // SAFETY: single-threaded; the child answers on `conn` and _exits.
         let pid = unsafe { libc::fork() };
@@ -817,7 +1043,7 @@ impl Shim {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
             libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         }
-        let result = exec_in(&lc_root, &id, argv, timeout);
+        let result = exec_in(&lc_root, &id, &bundle, argv, timeout);
         reply(
             &conn,
             match result {
@@ -834,9 +1060,24 @@ fn log_line(s: &str) {
     log(s)
 }
 
+/// The container's own process settings (user, groups, env, cwd, capabilities, rlimits,
+/// no_new_privs) with `argv` instead of its command, as `runc exec --process` takes them:
+/// written to a file in the bundle, whose path is returned.
+fn exec_process_file(bundle: &Path, exec_id: &str, argv: &[String]) -> Option<PathBuf> {
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    let mut process = spec.get("process")?.clone();
+    process["args"] = json!(argv);
+    process["terminal"] = json!(false);
+    let path = bundle.join(format!("{exec_id}.json"));
+    std::fs::write(&path, serde_json::to_vec(&process).ok()?).ok()?;
+    Some(path)
+}
+
 fn exec_in(
     lc_root: &Path,
     id: &str,
+    bundle: &Path,
     argv: Vec<String>,
     timeout: Duration,
 ) -> Result<ExecResult, String> {
@@ -846,7 +1087,8 @@ fn exec_in(
     set_nonblocking(err_r.as_raw_fd());
     let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
     let exec_id = format!("exec-{}", &random_id()[..16]);
-    let pid = ContainerBuilder::new(id.to_string(), SyscallType::default())
+    let process = exec_process_file(bundle, &exec_id, &argv);
+    let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(lc_root)
         .map_err(|e| e.to_string())?
@@ -855,10 +1097,13 @@ fn exec_in(
         .with_stderr(err_w)
         .as_tenant()
         .with_container_args(argv)
+        .with_process(process.clone())
         .with_detach(true)
-        .build()
-        .map_err(|e| format!("exec {exec_id}: {e}"))?
-        .as_raw();
+        .build();
+    if let Some(p) = &process {
+        let _ = std::fs::remove_file(p);
+    }
+    let pid = built.map_err(|e| format!("exec {exec_id}: {e}"))?.as_raw();
     let deadline = Instant::now() + timeout;
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let cap = 1 << 20;
@@ -924,4 +1169,17 @@ fn reply(conn: &UnixStream, resp: Response) {
         let _ = w.write_all(&b);
     }
     let _ = conn.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_shares_convert_to_weights_as_runc() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(shares_to_weight(0), 1);
+    }
 }

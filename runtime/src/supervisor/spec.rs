@@ -25,7 +25,8 @@ pub const DEFAULT_CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// Every capability (privileged containers).
+/// Every capability (privileged containers), in the kernel's numbering: a capability's
+/// index here is its bit in `/proc/<pid>/status` masks.
 pub const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -90,6 +91,104 @@ pub fn capabilities(cfg: &ContainerConfig) -> Vec<String> {
     }
     caps.retain(|c| !cfg.cap_drop.contains(c));
     caps
+}
+
+/// Keeps the capabilities in `bounding` (a `CapBnd` mask): a process cannot hand out more
+/// than it holds, and asking for more fails the container's start (as containerd gives
+/// privileged containers "all current capabilities").
+pub fn within_bounding_set(caps: Vec<String>, bounding: u64) -> Vec<String> {
+    caps.into_iter()
+        .filter(|c| {
+            ALL_CAPS
+                .iter()
+                .position(|a| a == c)
+                .is_some_and(|bit| bit < 64 && bounding & (1 << bit) != 0)
+        })
+        .collect()
+}
+
+/// This process's capability bounding set (`CapBnd`), all bits if unreadable.
+pub fn current_bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// The node's cgroup v1 hierarchies (directories under /sys/fs/cgroup, e.g. `memory`,
+/// `cpu`, `unified`); none on a pure cgroup v2 node.
+pub fn host_cgroup_hierarchies() -> Vec<String> {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        return Vec::new();
+    }
+    let mut v: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The character and block devices under `dev` (recursively; not pts, shm, mqueue nor the
+/// standard ones every container gets anyway) as OCI `linux.devices` entries.
+pub fn host_devices(dev: &Path) -> Vec<Value> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    const STANDARD: &[&str] = &[
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "console",
+    ];
+    let mut out = Vec::new();
+    let mut dirs = vec![(dev.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            let Ok(md) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let ft = md.file_type();
+            if ft.is_dir() {
+                if depth < 4 && !["pts", "shm", "mqueue"].contains(&name.as_str()) {
+                    dirs.push((path, depth + 1));
+                }
+                continue;
+            }
+            let kind = if ft.is_char_device() {
+                "c"
+            } else if ft.is_block_device() {
+                "b"
+            } else {
+                continue;
+            };
+            if depth == 0 && STANDARD.contains(&name.as_str()) {
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(dev) else {
+                continue;
+            };
+            out.push(json!({
+                "path": Path::new("/dev").join(rel),
+                "type": kind,
+                "major": libc::major(md.rdev()),
+                "minor": libc::minor(md.rdev()),
+                "fileMode": md.mode() & 0o7777,
+                "uid": md.uid(),
+                "gid": md.gid(),
+            }));
+        }
+    }
+    out.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
+    out
 }
 
 /// Syscalls the default profile refuses with EPERM: the kernel-, clock-, key-, module- and
@@ -194,6 +293,7 @@ pub fn build(
     cfg: &ContainerConfig,
     sandbox: &SandboxConfig,
     ns_dir: &Path,
+    shm: &Path,
     rootfs: &Path,
     cgroups_path: &str,
 ) -> Value {
@@ -206,7 +306,7 @@ pub fn build(
         } else {
             img_gid
         });
-    let caps = capabilities(cfg);
+    let caps = within_bounding_set(capabilities(cfg), current_bounding_set());
     // The shim's own hard limit (raising it needs more than this machine may grant).
     let nofile = {
         let mut r = libc::rlimit {
@@ -228,9 +328,11 @@ pub fn build(
         json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
         json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
-        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        // The pod's /dev/shm, one for all its containers (they share the IPC namespace too).
+        json!({"destination": "/dev/shm", "type": "bind", "source": shm, "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", if cfg.privileged { "rw" } else { "ro" }]}),
     ];
     for m in &cfg.mounts {
         let mut opts = vec!["rbind", "rprivate"];
@@ -245,7 +347,9 @@ pub fn build(
         }));
     }
     let mut namespaces = vec![json!({"type": "mount"})];
-    if !sandbox.host_pid {
+    if sandbox.share_pid && !sandbox.host_pid {
+        namespaces.push(json!({"type": "pid", "path": ns_dir.join("pid")}));
+    } else if !sandbox.host_pid {
         namespaces.push(json!({"type": "pid"}));
     }
     if !sandbox.host_network {
@@ -290,6 +394,10 @@ pub fn build(
         "cgroupsPath": cgroups_path,
         "resources": resources,
     });
+    if cfg.privileged {
+        // Every device of the node, as upstream runtimes give privileged containers.
+        linux["devices"] = json!(host_devices(Path::new("/dev")));
+    }
     if cfg.seccomp_default && !cfg.privileged && cfg!(feature = "seccomp") {
         linux["seccomp"] = default_seccomp();
     }
@@ -307,18 +415,30 @@ pub fn build(
             "/sys/firmware",
             "/sys/devices/virtual/powercap",
         ]);
-        linux["readonlyPaths"] = json!([
+        let mut ro: Vec<String> = [
             "/proc/bus",
             "/proc/fs",
             "/proc/irq",
             "/proc/sys",
             "/proc/sysrq-trigger",
-        ]);
+            "/sys/fs/cgroup",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // libcontainer bind-mounts each cgroup v1 hierarchy read-write whatever the options
+        // say: each is made read-only on its own (the container must not raise its limits).
+        ro.extend(
+            host_cgroup_hierarchies()
+                .into_iter()
+                .map(|h| format!("/sys/fs/cgroup/{h}")),
+        );
+        linux["readonlyPaths"] = json!(ro);
     }
     let mut additional: Vec<u32> = cfg.supplemental_gids.clone();
     additional.sort();
     additional.dedup();
-    json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": cfg.tty,
@@ -330,13 +450,18 @@ pub fn build(
                 "bounding": caps, "effective": caps, "permitted": caps,
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
-            "noNewPrivileges": cfg.no_new_privs,
         },
         "root": {"path": rootfs, "readonly": cfg.read_only_rootfs},
         "mounts": mounts,
         "annotations": cfg.annotations,
         "linux": linux,
-    })
+    });
+    // Only when set: libcontainer reads any present value (even false) as "load the seccomp
+    // filter after dropping capabilities", which fails without no_new_privs.
+    if cfg.no_new_privs {
+        spec["process"]["noNewPrivileges"] = json!(true);
+    }
+    spec
 }
 
 #[cfg(test)]
@@ -386,6 +511,73 @@ mod tests {
         assert_eq!(capabilities(&c), ["CAP_CHOWN"]);
         c.privileged = true;
         assert_eq!(capabilities(&c).len(), ALL_CAPS.len());
+    }
+
+    #[test]
+    fn capabilities_outside_the_bounding_set_are_left_out() {
+        assert_eq!(ALL_CAPS[0], "CAP_CHOWN");
+        assert_eq!(ALL_CAPS[21], "CAP_SYS_ADMIN");
+        assert_eq!(ALL_CAPS[24], "CAP_SYS_RESOURCE");
+        assert_eq!(ALL_CAPS[40], "CAP_CHECKPOINT_RESTORE");
+        let all: Vec<String> = ALL_CAPS.iter().map(|s| s.to_string()).collect();
+        let kept = within_bounding_set(all.clone(), !(1 << 24));
+        assert_eq!(kept.len(), ALL_CAPS.len() - 1);
+        assert!(!kept.contains(&"CAP_SYS_RESOURCE".to_string()));
+        assert_eq!(within_bounding_set(all, u64::MAX).len(), ALL_CAPS.len());
+        assert!(current_bounding_set() & 1 != 0, "we run with CAP_CHOWN");
+    }
+
+    #[test]
+    fn host_devices_are_listed_without_the_standard_ones() {
+        let devs = host_devices(Path::new("/dev"));
+        let paths: Vec<&str> = devs.iter().filter_map(|d| d["path"].as_str()).collect();
+        assert!(!paths.contains(&"/dev/null"), "{paths:?}");
+        assert!(paths.iter().all(|p| !p.starts_with("/dev/pts/")));
+        for d in &devs {
+            assert!(d["type"] == "c" || d["type"] == "b", "{d}");
+        }
+        if Path::new("/dev/kmsg").exists() {
+            let kmsg = devs.iter().find(|d| d["path"] == "/dev/kmsg").unwrap();
+            assert_eq!(
+                (kmsg["major"].as_u64(), kmsg["minor"].as_u64()),
+                (Some(1), Some(11))
+            );
+        }
+    }
+
+    #[test]
+    fn no_new_privileges_is_present_only_when_set() {
+        let sandbox = SandboxConfig::default();
+        let d = tempfile::tempdir().unwrap();
+        let mut c = cfg();
+        let spec = build(&c, &sandbox, d.path(), d.path(), d.path(), "/x");
+        assert!(spec["process"].get("noNewPrivileges").is_none());
+        c.no_new_privs = true;
+        let spec = build(&c, &sandbox, d.path(), d.path(), d.path(), "/x");
+        assert_eq!(spec["process"]["noNewPrivileges"], json!(true));
+    }
+
+    #[test]
+    fn a_shared_pid_namespace_is_joined_by_path() {
+        let d = tempfile::tempdir().unwrap();
+        let pid_ns = |sandbox: &SandboxConfig| {
+            build(&cfg(), sandbox, Path::new("/ns"), d.path(), d.path(), "/x")["linux"]
+                ["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["type"] == "pid")
+                .cloned()
+        };
+        let mut sandbox = SandboxConfig::default();
+        assert_eq!(pid_ns(&sandbox), Some(json!({"type": "pid"})));
+        sandbox.share_pid = true;
+        assert_eq!(
+            pid_ns(&sandbox),
+            Some(json!({"type": "pid", "path": "/ns/pid"}))
+        );
+        sandbox.host_pid = true;
+        assert_eq!(pid_ns(&sandbox), None);
     }
 
     #[test]

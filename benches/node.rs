@@ -193,6 +193,7 @@ fn container_vs_runc(n: usize) -> Option<(Duration, Duration)> {
                 tty: false,
                 log_path: dir.path().join(format!("logs/{i}.log")),
                 annotations: Default::default(),
+                pid_ns_of: None,
             };
             shim.run_container(&cfg).await.ok()?;
             loop {

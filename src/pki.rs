@@ -35,6 +35,9 @@ pub struct Pki {
     pub ca: CertKey,
     pub serving: CertKey,
     pub admin: CertKey,
+    /// The API server's client certificate towards kubelets (CN
+    /// `kube-apiserver-kubelet-client`, O `system:masters`): logs, exec, attach, port-forward.
+    pub kubelet_client: CertKey,
     /// The key service account tokens are signed with (`service.key`, PKCS#8 P-256 PEM).
     pub service_account: SigningKey,
 }
@@ -291,6 +294,21 @@ impl Pki {
                 ck
             }
         };
+        let kubelet_client = match read_pair(dir, "client-kube-apiserver-kubelet")? {
+            Some(ck) if inspect(&ck.cert_pem)?.1 > RENEW_BEFORE_DAYS => ck,
+            _ => {
+                let ck = issue(
+                    &ca,
+                    "kube-apiserver-kubelet-client",
+                    &["system:masters"],
+                    &BTreeSet::new(),
+                    false,
+                    true,
+                )?;
+                write_pair(dir, "client-kube-apiserver-kubelet", &ck)?;
+                ck
+            }
+        };
         if ca.cert_pem.trim().is_empty() {
             bail!("empty CA certificate in {}", dir.display());
         }
@@ -299,6 +317,7 @@ impl Pki {
             ca,
             serving,
             admin,
+            kubelet_client,
             service_account,
         })
     }

@@ -59,6 +59,7 @@ pub async fn run(cfg: ServerConfig) -> Result<()> {
     let _ = st.tokens.set(issuer);
     api::load_crds(&st).await?;
     let tls = api::http::tls_config(&pki)?;
+    api::proxy::init(&pki)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(api::http::serve(st.clone(), listener, tls, shutdown_rx));
     api::bootstrap(&st).await?;

@@ -256,6 +256,28 @@ pub fn write_node_kubeconfig(
         &crate::kubeconfig::render(server_url, &pki.ca.cert_pem, &cert),
         0o600,
     )?;
+    // The kubelet API's serving certificate (node name and addresses) and the CA its clients'
+    // certificates must chain to.
+    let mut sans: std::collections::BTreeSet<String> = [
+        cfg.node_name.clone(),
+        cfg.node_ip.to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ]
+    .into_iter()
+    .collect();
+    sans.retain(|s| !s.is_empty());
+    let serving = crate::pki::issue(
+        &pki.ca,
+        &format!("system:node:{}", cfg.node_name),
+        &["system:nodes"],
+        &sans,
+        true,
+        false,
+    )?;
+    crate::kubeconfig::write(&dir.join("serving-kubelet.crt"), &serving.cert_pem, 0o644)?;
+    crate::kubeconfig::write(&dir.join("serving-kubelet.key"), &serving.key_pem, 0o600)?;
+    crate::kubeconfig::write(&dir.join("client-ca.crt"), &pki.ca.cert_pem, 0o644)?;
     Ok(path)
 }
 
@@ -321,6 +343,7 @@ pub async fn start(cfg: AgentConfig) -> Result<Arc<Agent>> {
     tokio::spawn(agent.clone().airgap_loop());
     std::fs::create_dir_all(&agent.cfg.pod_manifests).ok();
     tokio::spawn(agent.clone().static_pod_loop());
+    kubelet_api::spawn(agent.clone()).await?;
     kubelet::spawn(agent.clone()).await;
     Ok(agent)
 }

@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pods;
 pub mod protobuf;
+pub mod proxy;
 pub mod request;
 pub mod resources;
 pub mod selectors;
@@ -152,7 +153,7 @@ impl ApiState {
     }
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
@@ -185,7 +186,7 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
     r
 }
 
-fn text_response(code: StatusCode, text: impl Into<String>) -> Response<Body> {
+pub(crate) fn text_response(code: StatusCode, text: impl Into<String>) -> Response<Body> {
     Response::builder()
         .status(code)
         .header("content-type", "text/plain; charset=utf-8")
@@ -535,6 +536,9 @@ async fn resource(
         if !def.has_subresource(sub) {
             return Err(not_found_page());
         }
+    }
+    if proxy::handles(&rp) {
+        return proxy::handle(st, rp, req).await;
     }
     let ns = rp.namespace.clone();
     let nsr = ns.as_deref();

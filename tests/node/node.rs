@@ -269,7 +269,7 @@ impl Node {
         in_netns(&self.ns, program)
     }
 
-    fn kubectl_cmd(&self, args: &[&str]) -> Command {
+    pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
         let mut c = self.cmd("kubectl");
         c.args(args)
             .env("KUBECONFIG", self.kubeconfig())

@@ -5,6 +5,9 @@
 mod logs;
 mod server;
 pub mod spec;
+mod stream;
+
+pub use stream::{AttachSession, ExecSession, FdIo};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,7 +56,7 @@ pub struct Mount {
 }
 
 /// One container to run: everything already resolved by the caller.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ContainerConfig {
     pub name: String,
     pub attempt: u32,
@@ -81,6 +84,10 @@ pub struct ContainerConfig {
     pub tty: bool,
     pub log_path: PathBuf,
     pub annotations: BTreeMap<String, String>,
+    /// Join the PID namespace of this other container of the pod (an ephemeral container's
+    /// `targetContainerName`) instead of the pod's.
+    #[serde(default)]
+    pub pid_ns_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +149,24 @@ enum Request {
         name: String,
         argv: Vec<String>,
         timeout_ms: u64,
+    },
+    /// An interactive exec: the answer is a `StreamHeader` carrying the stdio descriptors,
+    /// then, when the process ends, an `ExecExit` line.
+    ExecStream {
+        name: String,
+        argv: Vec<String>,
+        tty: bool,
+        stdin: bool,
+    },
+    /// Attach to a running container: a `StreamHeader` (with a duplicate of its stdin if
+    /// asked and it has one), then its output as frames until it exits.
+    Attach {
+        name: String,
+        stdin: bool,
+    },
+    /// Close the container's stdin (`stdinOnce` after the first attach ends).
+    CloseStdin {
+        name: String,
     },
     Shutdown,
 }
@@ -321,6 +346,47 @@ impl ShimClient {
             )
             .await?,
         )
+    }
+
+    /// Starts a command in a running container with its stdio handed to us (a TTY when
+    /// `tty`: then `pty` is the terminal and there is no separate stderr).
+    pub async fn exec_stream(
+        &self,
+        name: &str,
+        argv: &[String],
+        tty: bool,
+        stdin: bool,
+    ) -> Result<ExecSession, ShimError> {
+        let req = serde_json::to_vec(&Request::ExecStream {
+            name: name.into(),
+            argv: argv.to_vec(),
+            tty,
+            stdin,
+        })
+        .map_err(|e| ShimError::Protocol(e.to_string()))?;
+        let (_, fds, rest, conn) = stream::open(&self.sock, req).await?;
+        ExecSession::new(fds, rest, conn)
+    }
+
+    /// Attaches to a running container's output (and its stdin when `stdin` and the
+    /// container was created with one).
+    pub async fn attach(&self, name: &str, stdin: bool) -> Result<AttachSession, ShimError> {
+        let req = serde_json::to_vec(&Request::Attach {
+            name: name.into(),
+            stdin,
+        })
+        .map_err(|e| ShimError::Protocol(e.to_string()))?;
+        let (hdr, fds, rest, conn) = stream::open(&self.sock, req).await?;
+        AttachSession::new(hdr.tty, fds, rest, conn)
+    }
+
+    pub async fn close_stdin(&self, name: &str) -> Result<(), ShimError> {
+        self.call(
+            &Request::CloseStdin { name: name.into() },
+            Duration::from_secs(10),
+        )
+        .await
+        .map(drop)
     }
 
     /// Kills and removes every container, frees the sandbox and exits.

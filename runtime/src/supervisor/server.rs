@@ -48,12 +48,53 @@ fn log(msg: &str) {
 
 struct Ctr {
     status: ContainerStatus,
+    /// stdout and stderr (with a TTY: the terminal's master, and no stderr).
     pipes: [Option<OwnedFd>; 2],
+    /// The container's stdin for attach: a pipe's write end, or the terminal's master.
+    stdin: Option<OwnedFd>,
+    tty: bool,
+    /// Attached clients, sent the live output as frames.
+    attachers: Vec<Attacher>,
     log: LogWriter,
     bundle: PathBuf,
     rootfs: PathBuf,
     oom_before: u64,
     cgroup: String,
+}
+
+/// An attached client's connection and what it has not taken yet.
+struct Attacher {
+    conn: UnixStream,
+    pending: Vec<u8>,
+}
+
+/// Output an attached client lets pile up before it is dropped.
+const ATTACH_BACKLOG: usize = 4 << 20;
+
+impl Attacher {
+    /// Writes what is pending; false when the client is gone or too far behind.
+    fn flush(&mut self) -> bool {
+        while !self.pending.is_empty() {
+            match (&self.conn).write(&self.pending) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        self.pending.len() < ATTACH_BACKLOG
+    }
+
+    fn send(&mut self, stream: u8, data: &[u8]) -> bool {
+        self.pending.push(stream);
+        self.pending
+            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+        self.pending.extend_from_slice(data);
+        self.flush()
+    }
 }
 
 struct Shim {
@@ -497,10 +538,44 @@ fn run(dir: &Path) -> Result<(), String> {
                 }
             }
         }
+        // Attached clients: readable means gone (they never send); writable when behind.
+        let mut attached = Vec::new();
+        for (i, c) in shim.ctrs.iter().enumerate() {
+            for (k, a) in c.attachers.iter().enumerate() {
+                let mut events = libc::POLLIN;
+                if !a.pending.is_empty() {
+                    events |= libc::POLLOUT;
+                }
+                fds.push(libc::pollfd {
+                    fd: a.conn.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+                attached.push((i, k));
+            }
+        }
         // SAFETY: fds is a valid array of pollfd for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
         if n < 0 {
             continue;
+        }
+        let base = 2 + which.len();
+        let mut gone = Vec::new();
+        for (k, (i, a)) in attached.iter().enumerate() {
+            let rev = fds[base + k].revents;
+            let Some(att) = shim.ctrs.get_mut(*i).and_then(|c| c.attachers.get_mut(*a)) else {
+                continue;
+            };
+            if rev & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 || !att.flush() {
+                gone.push((*i, *a));
+            }
+        }
+        for (i, a) in gone.into_iter().rev() {
+            if let Some(c) = shim.ctrs.get_mut(i) {
+                if a < c.attachers.len() {
+                    c.attachers.remove(a);
+                }
+            }
         }
         for (k, (i, s)) in which.iter().enumerate() {
             if fds[k + 2].revents != 0 {
@@ -555,6 +630,60 @@ fn mount_overlay(rootfs: &Path, opts: &str) -> Result<(), String> {
     ))
 }
 
+/// Points the container's PID namespace at another process's (an ephemeral container
+/// targeting a container of the pod).
+fn join_pid_namespace(config: &mut Value, pid: i32) {
+    let path = format!("/proc/{pid}/ns/pid");
+    if let Some(ns) = config
+        .pointer_mut("/linux/namespaces")
+        .and_then(|v| v.as_array_mut())
+    {
+        ns.retain(|n| n["type"] != "pid");
+        ns.push(json!({"type": "pid", "path": path}));
+    }
+}
+
+/// Listens on a console socket whose path may exceed a socket address's 108 bytes: bound by
+/// its name from inside its directory (the shim is single-threaded; the directory is
+/// restored at once).
+fn bind_console(path: &Path) -> Result<UnixListener, String> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(format!(
+            "console socket {}: not a file path",
+            path.display()
+        ));
+    };
+    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
+    std::env::set_current_dir(dir).map_err(|e| format!("console socket: {e}"))?;
+    let l = UnixListener::bind(name);
+    let _ = std::env::set_current_dir(&cwd);
+    l.map_err(|e| format!("console socket: {e}"))
+}
+
+/// Takes the terminal master libcontainer sends on our console socket (bounded wait).
+fn receive_pty_master(l: &UnixListener) -> Result<OwnedFd, String> {
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match l.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
+                return super::stream::recv_fd(conn.as_raw_fd())
+                    .map_err(|e| format!("receiving the container's terminal: {e}"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err("the container's terminal never arrived".into());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(format!("console socket: {e}")),
+        }
+    }
+}
+
 /// The pod's /dev/shm: a tmpfs of its own (the host's with host IPC).
 fn create_pod_shm(dir: &Path, cfg: &SandboxConfig) -> Result<(), String> {
     if cfg.host_ipc {
@@ -604,10 +733,18 @@ impl Shim {
             // SAFETY: reading into our buffer from a descriptor we own.
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n > 0 {
-                c.log.feed(s, &buf[..n as usize]);
+                let data = &buf[..n as usize];
+                c.log.feed(s, data);
+                c.attachers.retain_mut(|a| a.send(s as u8 + 1, data));
                 continue;
             }
-            if n == 0 {
+            let eof = n == 0 || {
+                let e = std::io::Error::last_os_error();
+                // A terminal whose last user is gone reads EIO.
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::Interrupted
+            };
+            if eof {
                 c.log.flush(s);
                 c.pipes[s] = None;
             }
@@ -648,6 +785,16 @@ impl Shim {
                 255
             };
             let c = &mut self.ctrs[i];
+            // Attached clients see the end; nobody writes to its stdin any more.
+            for a in c.attachers.iter_mut() {
+                a.flush();
+            }
+            c.attachers.clear();
+            c.stdin = None;
+            if c.tty {
+                c.log.flush(0);
+                c.pipes[0] = None;
+            }
             let oom = oom_kills(&c.cgroup) > c.oom_before;
             c.status.state = ContainerState::Exited;
             c.status.exit_code = Some(code);
@@ -722,6 +869,27 @@ impl Shim {
                 self.exec(conn, &name, argv, Duration::from_millis(timeout_ms));
                 return false;
             }
+            Request::ExecStream {
+                name,
+                argv,
+                tty,
+                stdin,
+            } => {
+                self.exec_stream(conn, &name, argv, tty, stdin);
+                return false;
+            }
+            Request::Attach { name, stdin } => {
+                self.attach(conn, &name, stdin);
+                return false;
+            }
+            Request::CloseStdin { name } => {
+                if let Some(i) = self.latest(&name) {
+                    if !self.ctrs[i].tty {
+                        self.ctrs[i].stdin = None;
+                    }
+                }
+                Response::Ok(Value::Null)
+            }
             Request::Shutdown => {
                 self.shutdown();
                 exit = true;
@@ -776,7 +944,7 @@ impl Shim {
         );
         mount_overlay(&rootfs, &opts)?;
         let cgroup = format!("{}/{}", self.cfg.cgroup_parent.trim_end_matches('/'), id);
-        let config = spec::build(
+        let mut config = spec::build(
             cfg,
             &self.cfg,
             &self.dir.join("ns"),
@@ -784,6 +952,18 @@ impl Shim {
             &rootfs,
             &cgroup,
         );
+        if let Some(target) = &cfg.pid_ns_of {
+            let pid = self
+                .latest(target)
+                .filter(|i| self.ctrs[*i].status.state == ContainerState::Running)
+                .and_then(|i| self.ctrs[i].status.pid);
+            let Some(pid) = pid else {
+                umount(&rootfs);
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(format!("the target container {target:?} is not running"));
+            };
+            join_pid_namespace(&mut config, pid);
+        }
         std::fs::write(
             bundle.join("config.json"),
             serde_json::to_vec_pretty(&config).unwrap_or_default(),
@@ -811,12 +991,26 @@ impl Shim {
         set_nonblocking(out_r.as_raw_fd());
         set_nonblocking(err_r.as_raw_fd());
         let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+        // stdin: a pipe we keep the writing end of (for attach), or a terminal whose master
+        // libcontainer sends to our console socket.
+        let (stdin_r, mut stdin_w) = if cfg.stdin && !cfg.tty {
+            let (r, w) = pipe().map_err(|e| e.to_string())?;
+            (OwnedFd::from(r), Some(w))
+        } else {
+            (OwnedFd::from(devnull), None)
+        };
+        let console = cfg.tty.then(|| bundle.join("console.sock"));
+        let console_listener = match &console {
+            Some(p) => Some(bind_console(p)?),
+            None => None,
+        };
         let started = (|| -> Result<Container, String> {
             let mut c = ContainerBuilder::new(id.clone(), SyscallType::default())
                 .with_executor(DefaultExecutor {})
                 .with_root_path(&self.lc_root)
                 .map_err(|e| e.to_string())?
-                .with_stdin(OwnedFd::from(devnull))
+                .with_console_socket(console.clone())
+                .with_stdin(stdin_r)
                 .with_stdout(out_w)
                 .with_stderr(err_w)
                 .as_init(&bundle)
@@ -827,9 +1021,27 @@ impl Shim {
             c.start().map_err(|e| e.to_string())?;
             Ok(c)
         })();
+        let started = started.and_then(|c| match &console_listener {
+            Some(l) => {
+                let master = receive_pty_master(l)?;
+                Ok((c, Some(master)))
+            }
+            None => Ok((c, None)),
+        });
+        if let Some(p) = &console {
+            let _ = std::fs::remove_file(p);
+        }
         match started {
-            Ok(c) => {
+            Ok((c, master)) => {
                 let pid = c.pid().map(|p| p.as_raw());
+                let mut pipes = [Some(out_r), Some(err_r)];
+                if let Some(m) = &master {
+                    // The terminal carries all output; the pipes are unused.
+                    let out = m.try_clone().map_err(|e| e.to_string())?;
+                    set_nonblocking(out.as_raw_fd());
+                    pipes = [Some(out), None];
+                    stdin_w = Some(m.try_clone().map_err(|e| e.to_string())?);
+                }
                 status.state = ContainerState::Running;
                 status.pid = pid;
                 status.started_at = Some(super::now_rfc3339_nanos());
@@ -839,7 +1051,10 @@ impl Shim {
                 }
                 self.ctrs.push(Ctr {
                     status: status.clone(),
-                    pipes: [Some(out_r), Some(err_r)],
+                    pipes,
+                    stdin: stdin_w,
+                    tty: cfg.tty,
+                    attachers: Vec::new(),
                     log,
                     bundle,
                     rootfs,
@@ -877,6 +1092,9 @@ impl Shim {
                 self.ctrs.push(Ctr {
                     status: status.clone(),
                     pipes: [None, None],
+                    stdin: None,
+                    tty: cfg.tty,
+                    attachers: Vec::new(),
                     log,
                     bundle: PathBuf::new(),
                     rootfs: PathBuf::new(),
@@ -1056,6 +1274,219 @@ impl Shim {
     }
 }
 
+impl Shim {
+    fn running(&self, name: &str) -> Option<usize> {
+        self.latest(name)
+            .filter(|i| self.ctrs[*i].status.state == ContainerState::Running)
+    }
+
+    /// An interactive exec: a forked child starts it, hands its stdio to the client, waits
+    /// for it and sends the exit code, so the loop keeps serving.
+    fn exec_stream(
+        &mut self,
+        conn: UnixStream,
+        name: &str,
+        argv: Vec<String>,
+        tty: bool,
+        stdin: bool,
+    ) {
+        let Some(i) = self.running(name) else {
+            send_header_error(&conn, format!("container {name:?} is not running"));
+            return;
+        };
+        let id = self.ctrs[i].status.id.clone();
+        let bundle = self.ctrs[i].bundle.clone();
+        let lc_root = self.lc_root.clone();
+        // SAFETY: single-threaded; the child answers on `conn` and _exits.
+        let pid = unsafe { libc::fork() };
+        if pid != 0 {
+            return;
+        }
+        // SAFETY: in the child; subreaper so the exec'd process is ours to wait for.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        }
+        let _ = conn.set_write_timeout(None);
+        match start_exec_stream(&lc_root, &id, &bundle, argv, tty, stdin) {
+            Ok((pid, named)) => {
+                let hdr = super::stream::StreamHeader {
+                    error: None,
+                    tty,
+                    fds: named.iter().map(|(n, _)| n.to_string()).collect(),
+                };
+                let raw: Vec<RawFd> = named.iter().map(|(_, f)| f.as_raw_fd()).collect();
+                let sent = super::stream::send_with_fds(
+                    conn.as_raw_fd(),
+                    &serde_json::to_vec(&hdr).unwrap_or_default(),
+                    &raw,
+                );
+                drop(named);
+                if sent.is_err() {
+                    // Nobody to talk to: do not leave the process behind.
+                    // SAFETY: killing the process we started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                let code = wait_exit(pid);
+                // Reap leftovers that were reparented to us.
+                // SAFETY: non-blocking reaping of our own children.
+                while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+                let mut w = &conn;
+                let _ = w.write_all(
+                    format!("{}\n", json!(super::stream::ExecExit { exit_code: code })).as_bytes(),
+                );
+            }
+            Err(e) => send_header_error(&conn, e),
+        }
+        // SAFETY: leaving the forked child without running the parent's destructors.
+        unsafe { libc::_exit(0) }
+    }
+
+    /// Sends the header (with a duplicate of the container's stdin when asked) and keeps
+    /// the connection to forward the container's output to.
+    fn attach(&mut self, conn: UnixStream, name: &str, stdin: bool) {
+        let Some(i) = self.running(name) else {
+            send_header_error(&conn, format!("container {name:?} is not running"));
+            return;
+        };
+        let c = &mut self.ctrs[i];
+        let dup = if stdin {
+            c.stdin.as_ref().and_then(|f| f.try_clone().ok())
+        } else {
+            None
+        };
+        let hdr = super::stream::StreamHeader {
+            error: None,
+            tty: c.tty,
+            fds: dup.iter().map(|_| "stdin".to_string()).collect(),
+        };
+        let raw: Vec<RawFd> = dup.iter().map(|f| f.as_raw_fd()).collect();
+        if super::stream::send_with_fds(
+            conn.as_raw_fd(),
+            &serde_json::to_vec(&hdr).unwrap_or_default(),
+            &raw,
+        )
+        .is_err()
+        {
+            return;
+        }
+        drop(dup);
+        if conn.set_nonblocking(true).is_ok() {
+            c.attachers.push(Attacher {
+                conn,
+                pending: Vec::new(),
+            });
+        }
+    }
+}
+
+fn send_header_error(conn: &UnixStream, e: String) {
+    let hdr = super::stream::StreamHeader {
+        error: Some(e),
+        ..Default::default()
+    };
+    let _ = super::stream::send_with_fds(
+        conn.as_raw_fd(),
+        &serde_json::to_vec(&hdr).unwrap_or_default(),
+        &[],
+    );
+}
+
+/// Blocks until `pid` ends; its exit code (128+signal when killed).
+fn wait_exit(pid: i32) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                continue;
+            };
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return 255;
+        }
+    }
+}
+
+type NamedFds = Vec<(&'static str, OwnedFd)>;
+
+/// Starts `argv` in the container with fresh stdio; returns its pid and our ends of that
+/// stdio (`stdin`, `stdout`, `stderr` pipes, or `pty`).
+fn start_exec_stream(
+    lc_root: &Path,
+    id: &str,
+    bundle: &Path,
+    argv: Vec<String>,
+    tty: bool,
+    stdin: bool,
+) -> Result<(i32, NamedFds), String> {
+    let exec_id = format!("exec-{}", &random_id()[..16]);
+    let process = exec_process_file(bundle, &exec_id, &argv, tty);
+    let mut ours: NamedFds = Vec::new();
+    let base = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_executor(DefaultExecutor {})
+        .with_root_path(lc_root)
+        .map_err(|e| e.to_string())?;
+    let (base, listener, console) = if tty {
+        let console = bundle.join(format!("{exec_id}.tty"));
+        let l = bind_console(&console)?;
+        (
+            base.with_console_socket(Some(console.clone())),
+            Some(l),
+            Some(console),
+        )
+    } else {
+        let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+        let stdin_fd = if stdin {
+            let (r, w) = pipe().map_err(|e| e.to_string())?;
+            ours.push(("stdin", w));
+            r
+        } else {
+            OwnedFd::from(devnull)
+        };
+        let (out_r, out_w) = pipe().map_err(|e| e.to_string())?;
+        let (err_r, err_w) = pipe().map_err(|e| e.to_string())?;
+        ours.push(("stdout", out_r));
+        ours.push(("stderr", err_r));
+        (
+            base.with_stdin(stdin_fd)
+                .with_stdout(out_w)
+                .with_stderr(err_w),
+            None,
+            None,
+        )
+    };
+    let built = base
+        .as_tenant()
+        .with_container_args(argv)
+        .with_process(process.clone())
+        .with_detach(true)
+        .build();
+    if let Some(p) = &process {
+        let _ = std::fs::remove_file(p);
+    }
+    let result =
+        built
+            .map_err(|e| format!("exec {exec_id}: {e}"))
+            .and_then(|pid| match &listener {
+                Some(l) => {
+                    let m = receive_pty_master(l)?;
+                    ours.push(("pty", m));
+                    Ok(pid.as_raw())
+                }
+                None => Ok(pid.as_raw()),
+            });
+    if let Some(c) = &console {
+        let _ = std::fs::remove_file(c);
+    }
+    Ok((result?, ours))
+}
+
 fn log_line(s: &str) {
     log(s)
 }
@@ -1063,12 +1494,12 @@ fn log_line(s: &str) {
 /// The container's own process settings (user, groups, env, cwd, capabilities, rlimits,
 /// no_new_privs) with `argv` instead of its command, as `runc exec --process` takes them:
 /// written to a file in the bundle, whose path is returned.
-fn exec_process_file(bundle: &Path, exec_id: &str, argv: &[String]) -> Option<PathBuf> {
+fn exec_process_file(bundle: &Path, exec_id: &str, argv: &[String], tty: bool) -> Option<PathBuf> {
     let spec: Value =
         serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
     let mut process = spec.get("process")?.clone();
     process["args"] = json!(argv);
-    process["terminal"] = json!(false);
+    process["terminal"] = json!(tty);
     let path = bundle.join(format!("{exec_id}.json"));
     std::fs::write(&path, serde_json::to_vec(&process).ok()?).ok()?;
     Some(path)
@@ -1087,7 +1518,7 @@ fn exec_in(
     set_nonblocking(err_r.as_raw_fd());
     let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
     let exec_id = format!("exec-{}", &random_id()[..16]);
-    let process = exec_process_file(bundle, &exec_id, &argv);
+    let process = exec_process_file(bundle, &exec_id, &argv, false);
     let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(lc_root)

@@ -1,7 +1,8 @@
 //! Node agent benchmark (`make bench`, needs root): a real single-node cluster (`k3rs server`
 //! with its embedded agent) inside a network namespace this benchmark creates. Measures pod
 //! startup latency (create → Running, image present) one pod at a time, 100 pods at once,
-//! the server+agent's idle RSS and the shims' memory per pod. Prints Markdown.
+//! the server+agent's idle RSS and the shims' memory per pod; then the streaming figures
+//! (exec round trip, port-forward throughput, `kubectl logs` of a 50 MiB log). Prints Markdown.
 //!
 //! `K3RS_BENCH_QUICK=1` runs a smaller version.
 
@@ -18,6 +19,9 @@ use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
 mod node;
 
 mod common;
+
+#[path = "streaming/mod.rs"]
+mod streaming;
 
 use common::{mib, ms, pct, rss_of};
 
@@ -320,6 +324,7 @@ fn main() {
         let api: Api<Pod> = Api::namespaced(kube::Client::try_from(cfg).unwrap(), "default");
         delete_all(&api).await;
     });
+    let stream_figures = streaming::measure(&n, quick);
     let mut one = one;
     let mut burst = burst;
     println!("### Node agent (issue 6)\n");
@@ -367,4 +372,5 @@ fn main() {
             mib(shim_pss / shims as u64)
         );
     }
+    streaming::print(&stream_figures);
 }

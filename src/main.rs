@@ -6,6 +6,7 @@ mod config;
 mod controllers;
 mod cron;
 mod hollow;
+mod httputil;
 mod images_cli;
 mod kubeconfig;
 mod pki;

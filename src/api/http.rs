@@ -47,18 +47,7 @@ pub fn tls_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>> {
 
 /// The identity in a verified client certificate.
 pub fn user_from_cert(der: &[u8]) -> Option<User> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let subject = cert.subject();
-    let name = subject
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let groups = subject
-        .iter_organization()
-        .filter_map(|o| o.as_str().ok().map(str::to_string))
-        .collect();
+    let (name, groups) = crate::httputil::cert_identity(der)?;
     Some(User { name, groups })
 }
 

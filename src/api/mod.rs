@@ -37,8 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use k3rs_storage::Store;
@@ -55,7 +54,7 @@ use crate::api::table::IncludeObject;
 pub const KUBE_VERSION: &str = "v1.33.5";
 pub const K3RS_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub type Body = BoxBody<Bytes, Infallible>;
+pub use crate::httputil::Body;
 
 /// An authenticated identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,9 +152,7 @@ impl ApiState {
     }
 }
 
-pub(crate) fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
-}
+use crate::httputil::full;
 
 fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response<Body> {
     let body = serde_json::to_vec(v).expect("JSON");

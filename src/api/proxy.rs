@@ -22,6 +22,10 @@ use serde_json::Value;
 use super::request::ResourcePath;
 use super::status::ApiError;
 use super::{ApiResult, ApiState, Body};
+use crate::httputil::query_escape;
+
+/// Where a kubelet listens when its node does not say.
+const DEFAULT_KUBELET_PORT: u16 = 10250;
 
 static KUBELET_TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
 
@@ -88,7 +92,7 @@ pub async fn handle(
     let ns = rp.namespace.clone().unwrap_or_default();
     let pod = get(st, "pods", Some(&ns), &name).await?;
     let sub = rp.subresource.as_deref().unwrap_or_default();
-    let pairs = crate::agent::kubelet_api::query_pairs(&query);
+    let pairs = crate::httputil::query_pairs(&query);
     let container_q = pairs
         .iter()
         .find(|(k, _)| k == "container")
@@ -152,7 +156,7 @@ pub async fn handle(
     let rest: Vec<String> = pairs
         .iter()
         .filter(|(k, _)| k != "container")
-        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .map(|(k, v)| format!("{}={}", query_escape(k), query_escape(v)))
         .collect();
     let pq = if rest.is_empty() {
         path
@@ -160,18 +164,6 @@ pub async fn handle(
         format!("{path}?{}", rest.join("&"))
     };
     forward(addr, pq, req).await
-}
-
-fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 async fn get(st: &Arc<ApiState>, plural: &str, ns: Option<&str>, name: &str) -> ApiResult<Value> {
@@ -256,7 +248,7 @@ fn kubelet_addr(node: &Value, name: &str) -> ApiResult<SocketAddr> {
         .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
         .and_then(Value::as_u64)
         .filter(|p| *p > 0 && *p < 65536)
-        .unwrap_or(crate::agent::kubelet_api::KUBELET_PORT as u64) as u16;
+        .unwrap_or(DEFAULT_KUBELET_PORT as u64) as u16;
     Ok(SocketAddr::new(ip, port))
 }
 

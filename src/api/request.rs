@@ -123,25 +123,7 @@ fn resource(group: String, version: &str, rest: &[&str]) -> Route {
     }
 }
 
-/// Decodes `%xx` escapes (and nothing else).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use crate::httputil::percent_decode;
 
 /// Parses an `application/x-www-form-urlencoded` query string; repeated keys keep every value.
 pub fn parse_query(q: &str) -> BTreeMap<String, Vec<String>> {

@@ -89,6 +89,16 @@ fn exec_returns_output_stderr_and_exit_codes_over_websocket_and_spdy() {
             ["300000", "done"]
         );
     }
+    // Many sessions leave no descriptors behind in the server.
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", n.pid().unwrap())).unwrap().count();
+    let before = fds();
+    for _ in 0..20 {
+        let out = n.kubectl(&["exec", "ex", "--", "true"]);
+        assert!(out.status.success(), "{}", text(&out).1);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = fds();
+    assert!(after <= before + 3, "descriptors: {before} before, {after} after");
     // A container that does not exist: kubectl's own check, then the server's.
     let out = n.kubectl(&["exec", "ex", "-c", "nope", "--", "true"]);
     assert!(!out.status.success());
@@ -98,6 +108,17 @@ fn exec_returns_output_stderr_and_exit_codes_over_websocket_and_spdy() {
         "{}",
         text(&out).1
     );
+    // Deleting the pod ends a running exec session.
+    let child = n
+        .kubectl_cmd(&["exec", "ex", "--", "sleep", "600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    n.ok(&["delete", "pod", "ex", "--wait=false"]);
+    let out = wait_output(child, T);
+    assert!(!out.status.success(), "{:?}", text(&out));
 }
 
 /// Waits for a child with a bound (killing it when it overstays).
@@ -255,6 +276,35 @@ fn exec_with_a_terminal_runs_an_interactive_shell_and_follows_resizes() {
             pty.seen()
         );
     }
+}
+
+#[test]
+fn run_it_attaches_to_a_container_with_a_terminal() {
+    let n = Node::start();
+    let mut cmd = n.kubectl_cmd(&[
+        "run",
+        "-it",
+        "shell",
+        "--image=busybox",
+        "--image-pull-policy=IfNotPresent",
+        "--restart=Never",
+        "--",
+        "sh",
+    ]);
+    cmd.env("TERM", "dumb");
+    let mut pty = Pty::spawn(cmd);
+    // kubectl attaches once the pod runs; typing reaches the container's terminal.
+    let deadline = Instant::now() + T;
+    while !pty.seen().contains("hi-2") {
+        assert!(Instant::now() < deadline, "no answer; the terminal shows:\n{}", pty.seen());
+        pty.type_line("echo hi-$((1+1))");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    pty.type_line("exit 0");
+    assert_eq!(pty.wait_exit(T), Some(0), "{}", pty.seen());
+    n.wait_phase("shell", "Succeeded", T);
+    // What the terminal showed is the container's log too.
+    assert!(n.ok(&["logs", "shell"]).contains("hi-2"));
 }
 
 #[test]

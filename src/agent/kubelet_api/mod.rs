@@ -27,7 +27,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 
 use super::Agent;
-use crate::api::{full, Body, User};
+use crate::httputil::{full, Body};
+pub(crate) use crate::httputil::query_pairs;
+
+/// A client's identity from its certificate.
+#[derive(Debug, Clone)]
+struct User {
+    name: String,
+    groups: Vec<String>,
+}
 
 /// The kubelet's port (upstream's).
 pub const KUBELET_PORT: u16 = 10250;
@@ -111,7 +119,8 @@ async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| crate::api::http::user_from_cert(c.as_ref()));
+                .and_then(|c| crate::httputil::cert_identity(c.as_ref()))
+                .map(|(name, groups)| User { name, groups });
             let svc = service_fn(move |req| {
                 let agent = agent.clone();
                 let user = user.clone();
@@ -197,7 +206,7 @@ async fn handle(agent: Arc<Agent>, user: Option<User>, req: Request<Incoming>) -
     let segs: Vec<String> = path
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(crate::api::request::percent_decode)
+        .map(crate::httputil::percent_decode)
         .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let query = req.uri().query().unwrap_or_default().to_string();
@@ -254,18 +263,6 @@ pub(crate) fn find_pod(agent: &Agent, ns: &str, name: &str) -> Option<Arc<Pod>> 
     })
 }
 
-/// `a=b&c=d` with `%xx` and `+` decoded, repeated keys kept in order.
-pub(crate) fn query_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let dec = |s: &str| crate::api::request::percent_decode(&s.replace('+', " "));
-            (dec(k), dec(v))
-        })
-        .collect()
-}
-
 /// A streamed body from a channel of chunks (an error ends it).
 pub(crate) fn channel_body(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
     use http_body_util::{BodyExt, StreamBody};
@@ -304,18 +301,5 @@ mod tests {
             ("create", "proxy")
         );
         assert_eq!(attributes("/stats/summary", &Method::GET), ("get", "stats"));
-    }
-
-    #[test]
-    fn queries_decode_repeated_keys_in_order() {
-        assert_eq!(
-            query_pairs("command=sh&command=-c&command=echo+a%20b&tty=true"),
-            vec![
-                ("command".to_string(), "sh".to_string()),
-                ("command".to_string(), "-c".to_string()),
-                ("command".to_string(), "echo a b".to_string()),
-                ("tty".to_string(), "true".to_string()),
-            ]
-        );
     }
 }

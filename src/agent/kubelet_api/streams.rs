@@ -32,7 +32,7 @@ use super::{find_pod, query_pairs, status_resp};
 use spdy_tmp as spdy; // TEMP until the SPDY module lands
 
 use crate::agent::Agent;
-use crate::api::{full, Body};
+use crate::httputil::{full, Body};
 
 /// Channel protocols for exec/attach over WebSocket, newest first.
 const WS_CHANNEL: &[&str] = &[

@@ -197,7 +197,7 @@ fn container_vs_runc(n: usize) -> Option<(Duration, Duration)> {
                 tty: false,
                 log_path: dir.path().join(format!("logs/{i}.log")),
                 annotations: Default::default(),
-                pid_ns_of: None,
+                ..Default::default()
             };
             shim.run_container(&cfg).await.ok()?;
             loop {
@@ -268,7 +268,8 @@ fn container_vs_runc(n: usize) -> Option<(Duration, Duration)> {
 fn main() {
     let quick = quick();
     let versus = container_vs_runc(if quick { 5 } else { 20 });
-    let n = node::Node::start();
+    // Logs kept whole up to 100 MiB, for the `kubectl logs` figure.
+    let n = node::Node::start_with(&["--kubelet-arg=container-log-max-size=100Mi"]);
     // Enter the node's network namespace before any thread starts, so the client reaches the
     // server on its loopback.
     let f = std::fs::File::open(format!("/run/netns/{}", n.ns)).unwrap();

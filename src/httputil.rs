@@ -93,6 +93,9 @@ mod tests {
             ]
         );
         assert_eq!(query_escape("echo a&b=c/"), "echo%20a%26b%3Dc%2F");
-        assert_eq!(query_pairs(&format!("x={}", query_escape("a+b c")))[0].1, "a+b c");
+        assert_eq!(
+            query_pairs(&format!("x={}", query_escape("a+b c")))[0].1,
+            "a+b c"
+        );
     }
 }

@@ -42,7 +42,9 @@ fn curl(n: &Node, url: &str) -> (f64, f64) {
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = s.split_whitespace().map(|x| x.parse::<f64>().unwrap_or(0.0));
+    let mut it = s
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
     (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0))
 }
 
@@ -95,9 +97,20 @@ spec:
     let rounds = if quick { 5 } else { 20 };
     let (mut exec, mut start, mut get) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        exec.push(timed(n.kubectl_cmd(&["exec", "stream-bench", "--", "true"])));
+        exec.push(timed(n.kubectl_cmd(&[
+            "exec",
+            "stream-bench",
+            "--",
+            "true",
+        ])));
         start.push(timed(n.kubectl_cmd(&["version", "--client"])));
-        get.push(timed(n.kubectl_cmd(&["get", "pod", "stream-bench", "-o", "name"])));
+        get.push(timed(n.kubectl_cmd(&[
+            "get",
+            "pod",
+            "stream-bench",
+            "-o",
+            "name",
+        ])));
     }
     // Throughput: the pod IP directly, then through kubectl port-forward.
     let ip = n.pod_field("stream-bench", "{.status.podIP}");
@@ -123,7 +136,10 @@ spec:
     let (b2, t2) = curl(n, &url("127.0.0.1:28080"));
     let _ = pf.kill();
     let _ = pf.wait();
-    assert!(b1 > 0.0 && b2 == b1, "downloads: {b1} direct, {b2} forwarded");
+    assert!(
+        b1 > 0.0 && b2 == b1,
+        "downloads: {b1} direct, {b2} forwarded"
+    );
     // kubectl logs of the 50 MiB log, written out to /dev/null.
     n.wait_for("the log to be written", T, || {
         n.ok(&["logs", "log-bench", "--tail=1"]).trim() == "LOG-DONE"

@@ -150,7 +150,7 @@ impl Pod {
             tty: false,
             log_path: self.log_path(name, 0),
             annotations: [("k".to_string(), "v".to_string())].into(),
-            pid_ns_of: None,
+            ..Default::default()
         }
     }
 

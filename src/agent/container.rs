@@ -381,7 +381,7 @@ pub fn container_config(
         tty: c.tty.unwrap_or(false),
         log_path,
         annotations,
-        pid_ns_of: None,
+        ..Default::default()
     })
 }
 

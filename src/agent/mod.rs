@@ -63,6 +63,9 @@ pub struct Thresholds {
     pub nodefs_available: Quantity,
     pub image_gc_high: u8,
     pub image_gc_low: u8,
+    /// Container log rotation (`container-log-max-size`, `container-log-max-files`).
+    pub container_log_max_size: u64,
+    pub container_log_max_files: u32,
 }
 
 impl Default for Thresholds {
@@ -76,6 +79,8 @@ impl Default for Thresholds {
             nodefs_available: Quantity::Percent(10.0),
             image_gc_high: 85,
             image_gc_low: 80,
+            container_log_max_size: 0,
+            container_log_max_files: 0,
         }
     }
 }
@@ -123,8 +128,18 @@ impl Thresholds {
                 }
                 "image-gc-high-threshold" => t.image_gc_high = v.parse().map_err(|_| bad())?,
                 "image-gc-low-threshold" => t.image_gc_low = v.parse().map_err(|_| bad())?,
+                "container-log-max-size" => {
+                    t.container_log_max_size = crate::controllers::quantity::parse_bytes(v)
+                        .filter(|b| *b > 0)
+                        .ok_or_else(bad)?
+                }
+                "container-log-max-files" => {
+                    t.container_log_max_files = v.parse().ok().filter(|n| *n >= 2).ok_or_else(
+                        || anyhow::anyhow!("--kubelet-arg {k}={v}: must be a number of at least 2"),
+                    )?
+                }
                 _ => bail!(
-                    "--kubelet-arg {k}: not supported (max-pods, system-reserved, kube-reserved, eviction-hard, image-gc-high-threshold, image-gc-low-threshold)"
+                    "--kubelet-arg {k}: not supported (max-pods, system-reserved, kube-reserved, eviction-hard, image-gc-high-threshold, image-gc-low-threshold, container-log-max-size, container-log-max-files)"
                 ),
             }
         }
@@ -472,5 +487,17 @@ mod tests {
         assert!(bad.to_string().contains("not supported"), "{bad}");
         let bad = Thresholds::from_args(&[("max-pods".into(), "x".into())]).unwrap_err();
         assert!(bad.to_string().contains("invalid value"), "{bad}");
+        let logs = Thresholds::from_args(&[
+            ("container-log-max-size".into(), "50Mi".into()),
+            ("container-log-max-files".into(), "3".into()),
+        ])
+        .unwrap();
+        assert_eq!(
+            (logs.container_log_max_size, logs.container_log_max_files),
+            (50 << 20, 3)
+        );
+        let bad =
+            Thresholds::from_args(&[("container-log-max-files".into(), "1".into())]).unwrap_err();
+        assert!(bad.to_string().contains("at least 2"), "{bad}");
     }
 }

@@ -949,7 +949,7 @@ impl Worker {
         let term_file = term_dir.join(format!("termination-log-{attempt}"));
         let _ = std::fs::write(&term_file, b"");
         let volumes = self.volumes.clone().unwrap_or_default();
-        let cfg = match container::container_config(
+        let mut cfg = match container::container_config(
             pod,
             c,
             attempt,
@@ -972,6 +972,8 @@ impl Worker {
             }
         };
         self.waiting.remove(&c.name);
+        cfg.log_max_size = self.agent.cfg.thresholds.container_log_max_size;
+        cfg.log_max_files = self.agent.cfg.thresholds.container_log_max_files;
         match shim.run_container(&cfg).await {
             Ok(st) => {
                 self.agent.events.record(

@@ -15,6 +15,7 @@ pub struct LogWriter {
     size: u64,
     partial: [Vec<u8>; 2],
     max_size: u64,
+    max_files: usize,
 }
 
 impl LogWriter {
@@ -38,7 +39,19 @@ impl LogWriter {
             size,
             partial: [Vec::new(), Vec::new()],
             max_size: MAX_SIZE,
+            max_files: MAX_FILES,
         }
+    }
+
+    /// Rotation at `max_size` bytes keeping `max_files` files in all (0 = the defaults).
+    pub fn with_limits(mut self, max_size: u64, max_files: usize) -> LogWriter {
+        if max_size > 0 {
+            self.max_size = max_size;
+        }
+        if max_files > 0 {
+            self.max_files = max_files.max(2);
+        }
+        self
     }
 
     fn emit(&mut self, stream: usize, tag: char, text: &[u8]) {
@@ -72,7 +85,7 @@ impl LogWriter {
                 .trim_end_matches('Z')
         ));
         let _ = std::fs::rename(&self.path, &rotated);
-        // Keep the newest MAX_FILES - 1 rotated files.
+        // Keep the newest max_files - 1 rotated files.
         if let (Some(dir), Some(base)) = (self.path.parent(), self.path.file_name()) {
             let prefix = format!("{}.", base.to_string_lossy());
             let mut old: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -84,7 +97,7 @@ impl LogWriter {
                 })
                 .unwrap_or_default();
             old.sort();
-            while old.len() > MAX_FILES - 1 {
+            while old.len() > self.max_files - 1 {
                 let _ = std::fs::remove_file(old.remove(0));
             }
         }

@@ -88,6 +88,12 @@ pub struct ContainerConfig {
     /// `targetContainerName`) instead of the pod's.
     #[serde(default)]
     pub pid_ns_of: Option<String>,
+    /// Log rotation: size of a file and files kept (`container-log-max-size`/`-files`;
+    /// 0 = 10 MiB and 5).
+    #[serde(default)]
+    pub log_max_size: u64,
+    #[serde(default)]
+    pub log_max_files: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

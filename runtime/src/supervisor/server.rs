@@ -985,7 +985,8 @@ impl Shim {
             log_path: cfg.log_path.clone(),
             annotations: cfg.annotations.clone(),
         };
-        let mut log = LogWriter::open(cfg.log_path.clone());
+        let mut log = LogWriter::open(cfg.log_path.clone())
+            .with_limits(cfg.log_max_size, cfg.log_max_files as usize);
         let (out_r, out_w) = pipe().map_err(|e| e.to_string())?;
         let (err_r, err_w) = pipe().map_err(|e| e.to_string())?;
         set_nonblocking(out_r.as_raw_fd());

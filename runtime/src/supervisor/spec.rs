@@ -495,7 +495,7 @@ mod tests {
             tty: false,
             log_path: Default::default(),
             annotations: Default::default(),
-            pid_ns_of: None,
+            ..Default::default()
         }
     }
 

@@ -27,8 +27,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 
 use super::Agent;
-use crate::httputil::{full, Body};
 pub(crate) use crate::httputil::query_pairs;
+use crate::httputil::{full, Body};
 
 /// A client's identity from its certificate.
 #[derive(Debug, Clone)]

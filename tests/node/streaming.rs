@@ -89,8 +89,23 @@ fn exec_returns_output_stderr_and_exit_codes_over_websocket_and_spdy() {
             ["300000", "done"]
         );
     }
+    // A command that does not exist: the runtime's error, as upstream prints it.
+    let out = n.kubectl(&["exec", "ex", "--", "no-such-command"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out)
+            .1
+            .contains("error executing command in container")
+            && text(&out).1.contains("no-such-command"),
+        "{}",
+        text(&out).1
+    );
     // Many sessions leave no descriptors behind in the server.
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", n.pid().unwrap())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", n.pid().unwrap()))
+            .unwrap()
+            .count()
+    };
     let before = fds();
     for _ in 0..20 {
         let out = n.kubectl(&["exec", "ex", "--", "true"]);
@@ -98,7 +113,10 @@ fn exec_returns_output_stderr_and_exit_codes_over_websocket_and_spdy() {
     }
     std::thread::sleep(Duration::from_secs(1));
     let after = fds();
-    assert!(after <= before + 3, "descriptors: {before} before, {after} after");
+    assert!(
+        after <= before + 3,
+        "descriptors: {before} before, {after} after"
+    );
     // A container that does not exist: kubectl's own check, then the server's.
     let out = n.kubectl(&["exec", "ex", "-c", "nope", "--", "true"]);
     assert!(!out.status.success());
@@ -296,7 +314,11 @@ fn run_it_attaches_to_a_container_with_a_terminal() {
     // kubectl attaches once the pod runs; typing reaches the container's terminal.
     let deadline = Instant::now() + T;
     while !pty.seen().contains("hi-2") {
-        assert!(Instant::now() < deadline, "no answer; the terminal shows:\n{}", pty.seen());
+        assert!(
+            Instant::now() < deadline,
+            "no answer; the terminal shows:\n{}",
+            pty.seen()
+        );
         pty.type_line("echo hi-$((1+1))");
         std::thread::sleep(Duration::from_millis(700));
     }

@@ -232,7 +232,7 @@ async fn handle(agent: Arc<Agent>, user: Option<User>, req: Request<Incoming>) -
             streams::port_forward(agent.clone(), ns, pod, req).await
         }
         ["containerLogs", ns, pod, container] => {
-            streams::container_logs(agent.clone(), ns, pod, container, &query).await
+            logs::serve(agent.clone(), ns, pod, container, &query).await
         }
         _ => match stats_route(&agent, &s, &query).await {
             Some(r) => r,

@@ -28,8 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use super::spdy;
 use super::{find_pod, query_pairs, status_resp};
-use spdy_tmp as spdy; // TEMP until the SPDY module lands
 
 use crate::agent::Agent;
 use crate::httputil::{full, Body};
@@ -864,6 +864,7 @@ async fn forward_streams(
                 errors.insert(request_id, w);
             }
             "data" => {
+                tracing::debug!(stream = s.id(), %port, %request_id, pod = %pod_name, "port-forward connection");
                 let err_w = errors.remove(&request_id);
                 let netns = netns.clone();
                 let pod_name = pod_name.clone();
@@ -872,7 +873,7 @@ async fn forward_streams(
                 });
             }
             _ => {
-                let (_, mut w) = s.split();
+                let (_, w) = s.split();
                 w.reset();
             }
         }
@@ -964,21 +965,6 @@ async fn connect_in_netns(
     tokio::net::TcpStream::from_std(s)
 }
 
-pub async fn container_logs(
-    agent: Arc<Agent>,
-    ns: &str,
-    pod: &str,
-    container: &str,
-    query: &str,
-) -> Response<Body> {
-    let _ = (agent, ns, pod, container, query);
-    status_resp(
-        StatusCode::NOT_IMPLEMENTED,
-        "NotImplemented",
-        "container logs are being wired",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1012,59 +998,5 @@ mod tests {
             Some((120, 40))
         );
         assert_eq!(parse_resize(b"nonsense"), None);
-    }
-}
-
-// TEMP: stand-in with the SPDY module's interface (never committed).
-mod spdy_tmp {
-    use tokio::io::{AsyncRead, AsyncWrite};
-    #[derive(Clone)]
-    pub struct Session;
-    impl Session {
-        pub async fn close(&self) {}
-        pub async fn closed(&self) {}
-    }
-    pub struct Stream;
-    impl Stream {
-        pub fn header(&self, _: &str) -> Option<&str> {
-            None
-        }
-        pub async fn reply(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-        pub fn split(self) -> (tokio::io::Empty, StreamWriter) {
-            (tokio::io::empty(), StreamWriter(tokio::io::sink()))
-        }
-    }
-    pub struct StreamWriter(tokio::io::Sink);
-    impl StreamWriter {
-        pub fn reset(&mut self) {}
-    }
-    impl AsyncWrite for StreamWriter {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            b: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            std::pin::Pin::new(&mut self.0).poll_write(cx, b)
-        }
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.0).poll_flush(cx)
-        }
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
-        }
-    }
-    pub fn serve<IO: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-        _io: IO,
-    ) -> (Session, tokio::sync::mpsc::Receiver<Stream>) {
-        let (_tx, rx) = tokio::sync::mpsc::channel(1);
-        (Session, rx)
     }
 }

@@ -89,6 +89,8 @@ pub fn container_status(v: &ContainerView) -> Value {
 pub struct PodView {
     pub init: Vec<ContainerView>,
     pub containers: Vec<ContainerView>,
+    /// Ephemeral (debug) containers: reported, never part of readiness or the phase.
+    pub ephemeral: Vec<ContainerView>,
     pub sandbox_ready: bool,
     pub pod_ip: Option<String>,
     pub host_ip: String,
@@ -273,6 +275,10 @@ pub fn pod_status(pod: &Pod, v: &PodView) -> Value {
     });
     if !v.init.is_empty() {
         s["initContainerStatuses"] = json!(v.init.iter().map(container_status).collect::<Vec<_>>());
+    }
+    if !v.ephemeral.is_empty() {
+        s["ephemeralContainerStatuses"] =
+            json!(v.ephemeral.iter().map(container_status).collect::<Vec<_>>());
     }
     if let Some(ip) = &v.pod_ip {
         s["podIP"] = json!(ip);

@@ -80,6 +80,20 @@ fn spec_of(pod: &Pod) -> k8s_openapi::api::core::v1::PodSpec {
 }
 
 /// Which containers of which attempts the runtime has, by name.
+/// The pod's ephemeral containers as containers (they have the same fields, less some that
+/// validation keeps unset), for starting and reporting them like the others.
+fn ephemeral_containers(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<Container> {
+    spec.ephemeral_containers
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let mut v = serde_json::to_value(e).ok()?;
+            v.as_object_mut()?.remove("targetContainerName");
+            serde_json::from_value(v).ok()
+        })
+        .collect()
+}
+
 fn by_name(list: &[ContainerStatus]) -> HashMap<String, Vec<ContainerStatus>> {
     let mut m: HashMap<String, Vec<ContainerStatus>> = HashMap::new();
     for c in list {
@@ -482,6 +496,22 @@ impl Worker {
                         }
                     }
                     Some(_) => {}
+                }
+            }
+        }
+        // Ephemeral containers run once, in the running pod, and are never restarted.
+        if init_ok {
+            for c in ephemeral_containers(&spec) {
+                if have.contains_key(&c.name) {
+                    continue;
+                }
+                let pulling_failed = self.waiting.get(&c.name).is_some_and(|(r, _)| {
+                    r == "ErrImagePull" || r == "ImagePullBackOff"
+                });
+                if pulling_failed && !self.image_backoff_over(&c) {
+                    self.image_backoff_waiting(pod, &c);
+                } else {
+                    self.start_container(pod, &c, 0, &shim).await;
                 }
             }
         }
@@ -974,6 +1004,14 @@ impl Worker {
         self.waiting.remove(&c.name);
         cfg.log_max_size = self.agent.cfg.thresholds.container_log_max_size;
         cfg.log_max_files = self.agent.cfg.thresholds.container_log_max_files;
+        // An ephemeral container with a target shares that container's process namespace.
+        cfg.pid_ns_of = spec_of(pod)
+            .ephemeral_containers
+            .iter()
+            .flatten()
+            .find(|e| e.name == c.name)
+            .and_then(|e| e.target_container_name.clone())
+            .filter(|t| !t.is_empty());
         match shim.run_container(&cfg).await {
             Ok(st) => {
                 self.agent.events.record(
@@ -1303,9 +1341,14 @@ impl Worker {
             }
         }
         let containers = self.views(pod, list, &spec.containers);
+        let mut ephemeral = self.views(pod, list, &ephemeral_containers(&spec));
+        for v in ephemeral.iter_mut() {
+            v.ready = false;
+        }
         let view = PodView {
             init,
             containers,
+            ephemeral,
             sandbox_ready: self.shim.is_some(),
             pod_ip: self
                 .pod_ip

@@ -614,7 +614,7 @@ async fn resource(
             };
             Ok(json_response(StatusCode::OK, &out, &[]))
         }
-        (Method::GET, Some(name), None | Some("status")) => {
+        (Method::GET, Some(name), None | Some("status") | Some("ephemeralcontainers")) => {
             let obj = objects::get(st, &def, nsr, name).await?;
             let out = match table {
                 Some(inc) => {
@@ -669,13 +669,17 @@ async fn resource(
             let out = tokens::token_request(st, nsr.unwrap_or_default(), name, tr).await?;
             Ok(json_response(StatusCode::CREATED, &out, &[]))
         }
-        (Method::PUT, Some(name), None | Some("status") | Some("finalize")) => {
+        (
+            Method::PUT,
+            Some(name),
+            None | Some("status") | Some("finalize") | Some("ephemeralcontainers"),
+        ) => {
             let obj = decode_body(st, &content_type, &body)?;
             let opts = WriteOpts::from_query(&q, &default_manager, "Update")?;
-            let part = if sub == Some("status") {
-                Part::Status
-            } else {
-                Part::Main
+            let part = match sub {
+                Some("status") => Part::Status,
+                Some("ephemeralcontainers") => Part::EphemeralContainers,
+                _ => Part::Main,
             };
             let (mut out, warnings) =
                 objects::update(st, &def, nsr, name, obj, part, &opts, None).await?;
@@ -728,7 +732,7 @@ async fn resource(
                 .await?;
             Ok(json_response(StatusCode::OK, &scale_of(&def, &out), &[]))
         }
-        (Method::PATCH, Some(name), None | Some("status")) => {
+        (Method::PATCH, Some(name), None | Some("status") | Some("ephemeralcontainers")) => {
             let pt = PatchType::from_content_type(&content_type)
                 .ok_or_else(|| ApiError::unsupported_media_type(&content_type))?;
             let patch_body: Value = if pt == PatchType::Apply {
@@ -740,10 +744,10 @@ async fn resource(
                     ))
                 })?
             };
-            let part = if sub == Some("status") {
-                Part::Status
-            } else {
-                Part::Main
+            let part = match sub {
+                Some("status") => Part::Status,
+                Some("ephemeralcontainers") => Part::EphemeralContainers,
+                _ => Part::Main,
             };
             let op = if pt == PatchType::Apply {
                 "Apply"

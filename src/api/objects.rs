@@ -469,7 +469,19 @@ pub async fn create(
             json!(format!("{generate}{}", random_suffix())),
         );
     }
-    let causes = kind_causes(def, &obj);
+    let mut causes = kind_causes(def, &obj);
+    if def.group.is_empty()
+        && def.kind == "Pod"
+        && obj
+            .pointer("/spec/ephemeralContainers")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty())
+    {
+        causes.push(Cause::forbidden(
+            "spec.ephemeralContainers",
+            "cannot be set on create",
+        ));
+    }
     if !causes.is_empty() {
         let name = meta_str(&obj, "name").to_string();
         return Err(ApiError::invalid(&def.group, &def.kind, &name, causes));
@@ -633,6 +645,8 @@ pub enum Part {
     Status,
     /// Spec and status at once (internal writers such as the binding of a pod).
     All,
+    /// Only a pod's `spec.ephemeralContainers` (the `ephemeralcontainers` subresource).
+    EphemeralContainers,
 }
 
 /// Merges a requested new version with the current one according to the part written, and
@@ -640,7 +654,36 @@ pub enum Part {
 fn merge_update(def: &ResourceDef, part: Part, old: &Value, new: &mut Value) {
     match part {
         Part::All => {}
+        Part::EphemeralContainers => {
+            let eph = new.pointer("/spec/ephemeralContainers").cloned();
+            let mut merged = old.clone();
+            if let Some(spec) = merged.get_mut("spec").and_then(Value::as_object_mut) {
+                match eph {
+                    Some(e) if !e.is_null() => {
+                        spec.insert("ephemeralContainers".into(), e);
+                    }
+                    _ => {
+                        spec.remove("ephemeralContainers");
+                    }
+                }
+            }
+            *new = merged;
+        }
         Part::Main => {
+            // Ephemeral containers change only through their subresource.
+            if def.group.is_empty() && def.kind == "Pod" {
+                let eph = old.pointer("/spec/ephemeralContainers").cloned();
+                if let Some(spec) = new.get_mut("spec").and_then(Value::as_object_mut) {
+                    match eph {
+                        Some(e) => {
+                            spec.insert("ephemeralContainers".into(), e);
+                        }
+                        None => {
+                            spec.remove("ephemeralContainers");
+                        }
+                    }
+                }
+            }
             if def.has_status() {
                 match old.get("status") {
                     Some(s) => new["status"] = s.clone(),

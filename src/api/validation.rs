@@ -423,6 +423,96 @@ fn validate_service(obj: &Value, out: &mut Vec<Cause>) {
     }
 }
 
+/// Fields an ephemeral container may not have (upstream's validateEphemeralContainers).
+const EPHEMERAL_FORBIDDEN: &[&str] = &[
+    "ports",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+    "lifecycle",
+    "resources",
+    "resizePolicy",
+    "restartPolicy",
+];
+
+/// A change of `spec.ephemeralContainers`: containers may only be added, each valid, with a
+/// name unique in the pod and a target that names one of its containers.
+fn validate_ephemeral_update(old: &Value, new: &Value, out: &mut Vec<Cause>) {
+    let list = |s: &Value, k: &str| -> Vec<Value> {
+        s.get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (before, after) = (
+        list(old, "ephemeralContainers"),
+        list(new, "ephemeralContainers"),
+    );
+    let field = "spec.ephemeralContainers";
+    for o in &before {
+        let name = str_at(o, "/name");
+        match after.iter().position(|n| str_at(n, "/name") == name) {
+            None => out.push(Cause::forbidden(
+                field,
+                &format!("existing ephemeral containers {name:?} may not be removed"),
+            )),
+            Some(i) if &after[i] != o => out.push(Cause::forbidden(
+                format!("{field}[{i}]"),
+                &format!("existing ephemeral containers {name:?} may not be changed"),
+            )),
+            Some(_) => {}
+        }
+    }
+    let regular: Vec<String> = list(new, "containers")
+        .iter()
+        .chain(list(new, "initContainers").iter())
+        .map(|c| str_at(c, "/name").to_string())
+        .collect();
+    let mut names: std::collections::BTreeSet<String> = regular.iter().cloned().collect();
+    for (i, c) in after.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let name = str_at(c, "/name");
+        if name.is_empty() {
+            out.push(Cause::required(format!("{f}.name"), ""));
+        } else if !is_dns1123_label(name) {
+            out.push(Cause::invalid(
+                format!("{f}.name"),
+                &json!(name),
+                DNS1123_LABEL_ERR,
+            ));
+        } else if !names.insert(name.to_string()) {
+            out.push(Cause::duplicate(format!("{f}.name"), &json!(name)));
+        }
+        if before.iter().any(|b| b == c) {
+            continue;
+        }
+        if str_at(c, "/image").is_empty() {
+            out.push(Cause::required(format!("{f}.image"), ""));
+        }
+        for k in EPHEMERAL_FORBIDDEN {
+            let set = c.get(*k).is_some_and(|v| {
+                !v.is_null()
+                    && v.as_object().is_none_or(|m| !m.is_empty())
+                    && v.as_array().is_none_or(|a| !a.is_empty())
+            });
+            if set {
+                out.push(Cause::forbidden(
+                    format!("{f}.{k}"),
+                    "cannot be set for an Ephemeral Container",
+                ));
+            }
+        }
+        let target = str_at(c, "/targetContainerName");
+        if !target.is_empty() && !regular.iter().any(|r| r == target) {
+            out.push(Cause::new(
+                "FieldValueNotFound",
+                format!("{f}.targetContainerName"),
+                format!("Not found: {target:?}"),
+            ));
+        }
+    }
+}
+
 /// Fields that may not change on update, per kind.
 pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value, out: &mut Vec<Cause>) {
     let immutable = |ptr: &str, field: &str, msg: &str, out: &mut Vec<Cause>| {
@@ -449,6 +539,7 @@ pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value, out: &
                     }
                 }
                 if let Some(m) = s.as_object_mut() {
+                    m.remove("ephemeralContainers");
                     m.remove("activeDeadlineSeconds");
                     m.remove("tolerations");
                     m.remove("terminationGracePeriodSeconds");
@@ -460,6 +551,10 @@ pub fn validate_update(group: &str, kind: &str, old: &Value, new: &Value, out: &
                     "spec",
                     "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)",
                 ));
+            }
+            if old.pointer("/spec/ephemeralContainers") != new.pointer("/spec/ephemeralContainers")
+            {
+                validate_ephemeral_update(&old["spec"], &new["spec"], out);
             }
         }
         ("", "Service") => {

@@ -505,9 +505,10 @@ impl Worker {
                 if have.contains_key(&c.name) {
                     continue;
                 }
-                let pulling_failed = self.waiting.get(&c.name).is_some_and(|(r, _)| {
-                    r == "ErrImagePull" || r == "ImagePullBackOff"
-                });
+                let pulling_failed = self
+                    .waiting
+                    .get(&c.name)
+                    .is_some_and(|(r, _)| r == "ErrImagePull" || r == "ImagePullBackOff");
                 if pulling_failed && !self.image_backoff_over(&c) {
                     self.image_backoff_waiting(pod, &c);
                 } else {

@@ -1,1 +1,163 @@
-//! (being written)
+//! `kubectl debug` with ephemeral containers: added through `pods/ephemeralcontainers`, run
+//! once in the pod's sandbox sharing the target container's processes, attachable, reported
+//! in `ephemeralContainerStatuses`; removal and bad targets refused as upstream refuses them.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::node::Node;
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn kubectl_debug_runs_an_ephemeral_container_beside_the_target() {
+    let n = Node::start();
+    n.apply(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: dbg}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: busybox
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "echo app-secret > /tmp/mark; exec sleep 3600"]
+"#,
+    );
+    n.wait_phase("dbg", "Running", T);
+
+    // Non-interactive: the debug container sees the target's processes and files.
+    n.ok(&[
+        "debug",
+        "dbg",
+        "--image=busybox",
+        "--image-pull-policy=IfNotPresent",
+        "--target=app",
+        "-c",
+        "peek",
+        "--",
+        "sh",
+        "-c",
+        "ps -o pid,args; cat /proc/1/root/tmp/mark",
+    ]);
+    n.wait_for("the ephemeral container to finish", T, || {
+        n.pod_field(
+            "dbg",
+            "{.status.ephemeralContainerStatuses[?(@.name==\"peek\")].state.terminated.exitCode}",
+        ) == "0"
+    });
+    let logs = n.ok(&["logs", "dbg", "-c", "peek"]);
+    assert!(logs.contains("sleep 3600"), "{logs}");
+    assert!(logs.contains("app-secret"), "{logs}");
+    // It ran once; the pod's own container is untouched and still ready.
+    assert_eq!(
+        n.pod_field(
+            "dbg",
+            "{.status.ephemeralContainerStatuses[?(@.name==\"peek\")].restartCount}"
+        ),
+        "0"
+    );
+    assert_eq!(n.pod_field("dbg", "{.status.phase}"), "Running");
+    assert_eq!(
+        n.pod_field("dbg", "{.status.containerStatuses[0].ready}"),
+        "true"
+    );
+
+    // Interactive: kubectl waits for it to run and attaches stdin.
+    let mut child = n
+        .kubectl_cmd(&[
+            "debug",
+            "-i",
+            "dbg",
+            "--image=busybox",
+            "--image-pull-policy=IfNotPresent",
+            "--target=app",
+            "-c",
+            "shell",
+            "--",
+            "sh",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        // Typed after the attach; kubectl buffers what comes before it.
+        std::thread::sleep(Duration::from_secs(2));
+        let _ =
+            stdin.write_all(b"echo in-debug-$((6*7)); ps -o args | grep -c 'sleep 3600'\nexit\n");
+    });
+    let out = crate::streaming::wait_output(child, T);
+    let _ = writer.join();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("in-debug-42"),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    n.wait_for("the interactive debug container to end", T, || {
+        n.pod_field(
+            "dbg",
+            "{.status.ephemeralContainerStatuses[?(@.name==\"shell\")].state.terminated.reason}",
+        ) == "Completed"
+    });
+    // The subresource as kubectl reads it, and upstream's refusals.
+    let names = n.ok(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/default/pods/dbg/ephemeralcontainers",
+    ]);
+    assert!(
+        names.contains("\"peek\"") && names.contains("\"shell\""),
+        "{names}"
+    );
+    let pod: serde_json::Value = serde_json::from_str(&names).unwrap();
+    let mut removed = pod.clone();
+    removed["spec"]["ephemeralContainers"] = serde_json::json!([]);
+    let file = n.run_dir().join("removed.json");
+    std::fs::write(&file, removed.to_string()).unwrap();
+    let out = n.kubectl(&[
+        "replace",
+        "--raw",
+        "/api/v1/namespaces/default/pods/dbg/ephemeralcontainers",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("existing ephemeral containers \\\"peek\\\" may not be removed")
+            || err.contains("existing ephemeral containers \"peek\" may not be removed"),
+        "{err}"
+    );
+    let mut bad = pod.clone();
+    bad["spec"]["ephemeralContainers"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "name": "stray", "image": "busybox", "targetContainerName": "nope",
+            "ports": [{"containerPort": 80}],
+        }));
+    std::fs::write(&file, bad.to_string()).unwrap();
+    let out = n.kubectl(&[
+        "replace",
+        "--raw",
+        "/api/v1/namespaces/default/pods/dbg/ephemeralcontainers",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("targetContainerName: Not found"), "{err}");
+    assert!(
+        err.contains("cannot be set for an Ephemeral Container"),
+        "{err}"
+    );
+    // A pod update cannot slip ephemeral containers in or out.
+    let count = n.pod_field("dbg", "{.spec.ephemeralContainers[*].name}");
+    assert_eq!(count, "peek shell");
+}

@@ -140,7 +140,7 @@ fn exec_returns_output_stderr_and_exit_codes_over_websocket_and_spdy() {
 }
 
 /// Waits for a child with a bound (killing it when it overstays).
-fn wait_output(mut child: Child, within: Duration) -> Output {
+pub(crate) fn wait_output(mut child: Child, within: Duration) -> Output {
     let deadline = Instant::now() + within;
     loop {
         if let Ok(Some(_)) = child.try_wait() {

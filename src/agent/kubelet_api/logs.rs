@@ -258,9 +258,11 @@ pub async fn serve(
                         "previous terminated container {container:?} in pod {pod:?} not found"
                     ))
                 }
-                None => return bad(&format!(
+                None => {
+                    return bad(&format!(
                     "container {container:?} in pod {pod:?} is waiting to start: ContainerCreating"
-                )),
+                ))
+                }
             }
         }
     };

@@ -234,17 +234,11 @@ async fn handle(agent: Arc<Agent>, user: Option<User>, req: Request<Incoming>) -
         ["containerLogs", ns, pod, container] => {
             logs::serve(agent.clone(), ns, pod, container, &query).await
         }
-        _ => match stats_route(&agent, &s, &query).await {
+        _ => match stats::route(&agent, &s).await {
             Some(r) => r,
             None => text(StatusCode::NOT_FOUND, "404 page not found\n"),
         },
     }
-}
-
-/// The stats and metrics endpoints.
-async fn stats_route(agent: &Arc<Agent>, s: &[&str], _query: &str) -> Option<Response<Body>> {
-    let _ = (agent, s);
-    None
 }
 
 /// The pods this node runs (the latest object each pod worker has).

@@ -54,15 +54,15 @@ pub fn init(pki: &crate::pki::Pki) -> anyhow::Result<()> {
 
 /// Whether this request is one the proxy serves.
 pub fn handles(rp: &ResourcePath) -> bool {
-    match (
-        rp.group.as_str(),
-        rp.plural.as_str(),
-        rp.subresource.as_deref(),
-    ) {
-        ("", "pods", Some("log" | "exec" | "attach" | "portforward")) => true,
-        ("", "nodes", Some("proxy")) => true,
-        _ => false,
-    }
+    matches!(
+        (
+            rp.group.as_str(),
+            rp.plural.as_str(),
+            rp.subresource.as_deref(),
+        ),
+        ("", "pods", Some("log" | "exec" | "attach" | "portforward"))
+            | ("", "nodes", Some("proxy"))
+    )
 }
 
 pub async fn handle(

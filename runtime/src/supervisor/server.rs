@@ -996,7 +996,7 @@ impl Shim {
         // libcontainer sends to our console socket.
         let (stdin_r, mut stdin_w) = if cfg.stdin && !cfg.tty {
             let (r, w) = pipe().map_err(|e| e.to_string())?;
-            (OwnedFd::from(r), Some(w))
+            (r, Some(w))
         } else {
             (OwnedFd::from(devnull), None)
         };

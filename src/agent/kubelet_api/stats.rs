@@ -346,7 +346,8 @@ fn dir_fs(path: &Path, on: &Fs) -> Fs {
 
 /// Walks of big trees (the image store) are reused for a while.
 fn cached_du(path: &Path) -> (u64, u64) {
-    static CACHE: OnceLock<Mutex<HashMap<PathBuf, (Instant, (u64, u64))>>> = OnceLock::new();
+    type Walks = HashMap<PathBuf, (Instant, (u64, u64))>;
+    static CACHE: OnceLock<Mutex<Walks>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some((at, v)) = cache.lock().ok().and_then(|c| c.get(path).cloned()) {
         if at.elapsed() < Duration::from_secs(30) {

@@ -8,6 +8,9 @@
 //! and live output for attach), so bytes flow between the client and the process with no
 //! other hop.
 
+// Error answers are responses, built once and returned as they are.
+#![allow(clippy::result_large_err)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -683,7 +686,7 @@ pub async fn attach(
         let Some(io) = channels(TokioIo::new(up), transport.clone(), &opts).await else {
             return;
         };
-        let close_after = stdin_once.then(|| (shim, container));
+        let close_after = stdin_once.then_some((shim, container));
         run_attach(sess, io, &opts, close_after).await;
     });
     resp
@@ -791,11 +794,7 @@ fn ws_bytes(ws: WebSocketStream<Upgraded>) -> tokio::io::DuplexStream {
     tokio::spawn(async move {
         while let Some(Ok(m)) = source.next().await {
             match m {
-                Message::Binary(d) => {
-                    if w.write_all(&d).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(d) if w.write_all(&d).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }

@@ -525,7 +525,7 @@ spec:
   - name: ticker
     image: busybox
     imagePullPolicy: IfNotPresent
-    command: ["sh", "-c", "echo first; echo oops >&2; i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done"]
+    command: ["sh", "-c", "echo first; sleep 0.2; echo oops >&2; sleep 0.2; i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done"]
   - name: flaky
     image: busybox
     imagePullPolicy: IfNotPresent
@@ -605,7 +605,44 @@ spec:
         nums.len() >= 4 && nums.windows(2).all(|w| w[1] == w[0] + 1),
         "{seen}"
     );
+    // Following a container that exits ends when it does.
+    let f = n
+        .kubectl_cmd(&["logs", "-f", "lg", "-c", "flaky"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(f, T);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("run-"),
+        "{out:?}"
+    );
     // Upstream's errors.
+    n.apply(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: nopull}
+spec:
+  containers:
+  - name: c
+    image: k3rs.invalid/none:1
+    imagePullPolicy: Never
+"#,
+    );
+    n.wait_for("the image error", T, || {
+        n.pod_field(
+            "nopull",
+            "{.status.containerStatuses[0].state.waiting.reason}",
+        ) == "ErrImageNeverPull"
+    });
+    let out = n.kubectl(&["logs", "nopull"]);
+    assert!(
+        text(&out)
+            .1
+            .contains("container \"c\" in pod \"nopull\" is waiting to start: ErrImageNeverPull"),
+        "{}",
+        text(&out).1
+    );
     let out = n.kubectl(&["logs", "lg", "-c", "ticker", "--previous"]);
     assert!(
         text(&out)

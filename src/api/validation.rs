@@ -623,3 +623,49 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod ephemeral_tests {
+    use super::*;
+
+    fn pod(eph: Value) -> Value {
+        json!({"spec": {"containers": [{"name": "app", "image": "busybox"}], "ephemeralContainers": eph}})
+    }
+
+    fn causes(old: &Value, new: &Value) -> Vec<String> {
+        let mut out = Vec::new();
+        validate_update("", "Pod", old, new, &mut out);
+        out.into_iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect()
+    }
+
+    #[test]
+    fn ephemeral_containers_may_only_be_added_and_valid() {
+        let one = pod(json!([{"name": "dbg", "image": "busybox", "targetContainerName": "app"}]));
+        assert!(causes(&pod(json!([])), &one).is_empty());
+        assert_eq!(
+            causes(&one, &pod(json!([]))),
+            vec!["spec.ephemeralContainers: Forbidden: existing ephemeral containers \"dbg\" may not be removed"]
+        );
+        let changed =
+            pod(json!([{"name": "dbg", "image": "alpine", "targetContainerName": "app"}]));
+        assert_eq!(
+            causes(&one, &changed),
+            vec!["spec.ephemeralContainers[0]: Forbidden: existing ephemeral containers \"dbg\" may not be changed"]
+        );
+        let bad = pod(json!([
+            {"name": "app", "image": "busybox"},
+            {"name": "x", "targetContainerName": "nope", "ports": [{"containerPort": 80}]},
+        ]));
+        assert_eq!(
+            causes(&pod(json!([])), &bad),
+            vec![
+                "spec.ephemeralContainers[0].name: Duplicate value: \"app\"",
+                "spec.ephemeralContainers[1].image: Required value",
+                "spec.ephemeralContainers[1].ports: Forbidden: cannot be set for an Ephemeral Container",
+                "spec.ephemeralContainers[1].targetContainerName: Not found: \"nope\"",
+            ]
+        );
+    }
+}

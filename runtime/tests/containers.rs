@@ -354,6 +354,23 @@ async fn a_container_exit_code_and_output_are_recorded_in_status_and_cri_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_ends_when_its_reader_does_as_sigpipe_is_at_its_default() {
+    let pod = Pod::start().await;
+    pod.shim
+        .run_container(&pod.container(
+            "main",
+            "yes 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789 | head -c 5m; echo pipeline-done",
+        ))
+        .await
+        .unwrap();
+    let st = pod.wait_exited("main").await;
+    assert_eq!(st.exit_code, Some(0));
+    // `yes` died of SIGPIPE once `head` had its 5 MiB; the shell went on.
+    let log = pod.wait_log("main", "pipeline-done").await;
+    assert!(log.len() > 5 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_exit_is_completed() {
     let pod = Pod::start().await;
     pod.shim

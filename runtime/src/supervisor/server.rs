@@ -15,6 +15,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use serde_json::{json, Value};
 
 use super::logs::LogWriter;
@@ -600,6 +601,29 @@ fn run(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// libcontainer's executor, after giving the process the signal state a program expects:
+/// SIGPIPE at its default action (this binary, like every Rust program, ignores it, and an
+/// ignored signal stays ignored across exec: `yes | head` would never end) and nothing blocked.
+#[derive(Clone)]
+struct PodExecutor;
+
+impl Executor for PodExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        // SAFETY: single-threaded container process about to exec; plain libc calls.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        }
+        DefaultExecutor {}.exec(spec)
+    }
+
+    fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
 /// Mounts a container's overlay rootfs. `volatile` (Linux 5.10+, tried first) spares the
 /// unmount a sync of the whole upper filesystem (hundreds of ms on a busy node, and a flush
 /// of everyone's dirty data): the writable layer is thrown away with the container anyway.
@@ -1007,7 +1031,7 @@ impl Shim {
         };
         let started = (|| -> Result<Container, String> {
             let mut c = ContainerBuilder::new(id.clone(), SyscallType::default())
-                .with_executor(DefaultExecutor {})
+                .with_executor(PodExecutor)
                 .with_root_path(&self.lc_root)
                 .map_err(|e| e.to_string())?
                 .with_console_socket(console.clone())
@@ -1430,7 +1454,7 @@ fn start_exec_stream(
     let process = exec_process_file(bundle, &exec_id, &argv, tty);
     let mut ours: NamedFds = Vec::new();
     let base = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
+        .with_executor(PodExecutor)
         .with_root_path(lc_root)
         .map_err(|e| e.to_string())?;
     let (base, listener, console) = if tty {
@@ -1521,7 +1545,7 @@ fn exec_in(
     let exec_id = format!("exec-{}", &random_id()[..16]);
     let process = exec_process_file(bundle, &exec_id, &argv, false);
     let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_executor(DefaultExecutor {})
+        .with_executor(PodExecutor)
         .with_root_path(lc_root)
         .map_err(|e| e.to_string())?
         .with_stdin(OwnedFd::from(devnull))

@@ -278,6 +278,11 @@ fn main() {
         unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
         0
     );
+    if std::env::var("K3RS_BENCH_ONLY").as_deref() == Ok("streaming") {
+        // Only the streaming figures (for working on them).
+        streaming::print(&streaming::measure(&n, quick));
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

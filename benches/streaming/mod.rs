@@ -54,6 +54,7 @@ pub struct Figures {
     pub kubectl_get: Duration,
     pub direct_mibs: f64,
     pub forwarded_mibs: f64,
+    pub forwarded_spdy_mibs: f64,
     pub logs_bytes: f64,
     pub logs_time: Duration,
 }
@@ -116,31 +117,37 @@ spec:
     let ip = n.pod_field("stream-bench", "{.status.podIP}");
     let url = |host: &str| format!("http://{host}/big");
     let (b1, t1) = curl(n, &url(&format!("{ip}:8080")));
-    let mut pf = n
-        .kubectl_cmd(&["port-forward", "pod/stream-bench", "28080:8080"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Read;
-        let mut out = pf.stdout.take().unwrap();
-        let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("Forwarding from") {
-            let k = out.read(&mut buf).unwrap_or(0);
-            assert!(k > 0, "kubectl port-forward did not start");
-            seen.push_str(&String::from_utf8_lossy(&buf[..k]));
+    let mut forwarded = Vec::new();
+    for (websockets, port) in [("true", "28080"), ("false", "28081")] {
+        let mut pf = n
+            .kubectl_cmd(&["port-forward", "pod/stream-bench", &format!("{port}:8080")])
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Read;
+            let mut out = pf.stdout.take().unwrap();
+            let mut seen = String::new();
+            let mut buf = [0u8; 256];
+            while !seen.contains("Forwarding from") {
+                let k = out.read(&mut buf).unwrap_or(0);
+                assert!(k > 0, "kubectl port-forward did not start");
+                seen.push_str(&String::from_utf8_lossy(&buf[..k]));
+            }
+            // kubectl reports each connection on stdout: keep reading it.
+            std::thread::spawn(move || while out.read(&mut buf).unwrap_or(0) > 0 {});
         }
-        // kubectl reports each connection on stdout: keep reading it.
-        std::thread::spawn(move || while out.read(&mut buf).unwrap_or(0) > 0 {});
+        forwarded.push(curl(n, &url(&format!("127.0.0.1:{port}"))));
+        let _ = pf.kill();
+        let _ = pf.wait();
     }
-    let (b2, t2) = curl(n, &url("127.0.0.1:28080"));
-    let _ = pf.kill();
-    let _ = pf.wait();
+    let (b2, t2) = forwarded[0];
+    let (b3, t3) = forwarded[1];
     assert!(
-        b1 > 0.0 && b2 == b1,
-        "downloads: {b1} direct, {b2} forwarded"
+        b1 > 0.0 && b2 == b1 && b3 == b1,
+        "downloads: {b1} direct, {b2} forwarded over WebSocket, {b3} over SPDY"
     );
     // kubectl logs of the 50 MiB log, written out to /dev/null.
     n.wait_for("the log to be written", T, || {
@@ -159,6 +166,7 @@ spec:
         kubectl_get: median(&mut get),
         direct_mibs: b1 / t1 / 1048576.0,
         forwarded_mibs: b2 / t2 / 1048576.0,
+        forwarded_spdy_mibs: b3 / t3 / 1048576.0,
         logs_bytes: out.stdout.len() as f64,
         logs_time,
     }
@@ -181,10 +189,15 @@ pub fn print(f: &Figures) {
         (f.exec.saturating_sub(f.kubectl_start)).as_secs_f64() * 1e3
     );
     println!(
-        "| port-forward throughput / direct to the pod IP | {:.0} MiB/s / {:.0} MiB/s (ratio {:.2}) | ratio ≥ 0.5 |",
+        "| port-forward throughput (WebSocket, kubectl's default) / direct to the pod IP | {:.0} MiB/s / {:.0} MiB/s (ratio {:.2}) | ratio ≥ 0.5 |",
         f.forwarded_mibs,
         f.direct_mibs,
         f.forwarded_mibs / f.direct_mibs
+    );
+    println!(
+        "| port-forward throughput over SPDY (`KUBECTL_PORT_FORWARD_WEBSOCKETS=false`) | {:.0} MiB/s (ratio {:.2}) | |",
+        f.forwarded_spdy_mibs,
+        f.forwarded_spdy_mibs / f.direct_mibs
     );
     println!(
         "| `kubectl logs` of a 50 MiB log | {:.1} MiB in {:.2} s ({:.0} MiB/s) | |",

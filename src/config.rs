@@ -66,6 +66,10 @@ pub struct ServerArgs {
     /// Do not run the embedded agent.
     #[arg(long, env = "K3RS_DISABLE_AGENT")]
     pub disable_agent: bool,
+    /// Reach the embedded agent's kubelet API over HTTPS on :10250, as other nodes' (default:
+    /// in memory, no TLS: logs, exec and port-forward to this node cost less).
+    #[arg(long, env = "K3RS_KUBELET_OVER_NETWORK")]
+    pub kubelet_over_network: bool,
     /// How long events are kept (e.g. 1h, 30m, 90s).
     #[arg(long, env = "K3RS_EVENT_TTL", default_value = "1h")]
     pub event_ttl: String,
@@ -131,6 +135,7 @@ pub struct ServerConfig {
     pub cluster_domain: String,
     pub service_node_port_range: (u16, u16),
     pub disable_agent: bool,
+    pub kubelet_over_network: bool,
     pub event_ttl: std::time::Duration,
     pub node_monitor_grace_period: std::time::Duration,
     pub node_name: String,
@@ -319,6 +324,10 @@ fn from_config_file(args: &mut ServerArgs, matches: &ArgMatches, path: &Path) ->
             "disable_agent" => {
                 args.disable_agent = s()?.parse().map_err(|_| bad("expected true or false"))?
             }
+            "kubelet_over_network" => {
+                args.kubelet_over_network =
+                    s()?.parse().map_err(|_| bad("expected true or false"))?
+            }
             "config" => bail!(
                 "{}: `config` cannot be set inside a config file",
                 path.display()
@@ -454,6 +463,7 @@ impl ServerArgs {
             cluster_domain: self.cluster_domain,
             service_node_port_range: (lo, hi),
             disable_agent: self.disable_agent,
+            kubelet_over_network: self.kubelet_over_network,
             event_ttl,
             node_monitor_grace_period,
             node_name,

@@ -76,6 +76,30 @@ pub fn cert_identity(der: &[u8]) -> Option<(String, Vec<String>)> {
     Some((name, groups))
 }
 
+/// The kubelet API of the agent embedded in this process, reachable without a network: a
+/// function that returns one end of a fresh in-memory connection whose other end the kubelet
+/// API serves (as the API server's kubelet client). The API server's proxy uses it for its own
+/// node instead of a TLS connection to `:10250` (no encryption, no sockets on the way).
+pub type LocalDial = std::sync::Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
+
+fn local_kubelets() -> &'static std::sync::Mutex<std::collections::HashMap<String, LocalDial>> {
+    static M: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, LocalDial>>> =
+        std::sync::OnceLock::new();
+    M.get_or_init(Default::default)
+}
+
+/// Registers the in-process kubelet of a node (called by the embedded agent).
+pub fn register_local_kubelet(node: &str, dial: LocalDial) {
+    if let Ok(mut m) = local_kubelets().lock() {
+        m.insert(node.to_string(), dial);
+    }
+}
+
+/// The in-process kubelet of a node, if this process runs it.
+pub fn local_kubelet(node: &str) -> Option<LocalDial> {
+    local_kubelets().lock().ok()?.get(node).cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -159,6 +159,8 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub pod_log_dir: PathBuf,
     pub pod_manifests: PathBuf,
+    /// The API server of this process reaches the kubelet API over the network, not in memory.
+    pub kubelet_over_network: bool,
     pub cgroup_root: String,
     pub pod_bridge: String,
     pub private_registry: PathBuf,
@@ -184,6 +186,7 @@ impl AgentConfig {
             run_dir: cfg.run_dir.clone(),
             pod_log_dir: cfg.pod_log_dir.clone(),
             pod_manifests: cfg.pod_manifests.clone(),
+            kubelet_over_network: cfg.kubelet_over_network,
             cgroup_root: cfg.cgroup_root.clone(),
             pod_bridge: cfg.pod_bridge.clone(),
             private_registry: cfg.private_registry.clone(),

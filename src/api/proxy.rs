@@ -87,7 +87,7 @@ pub async fn handle(
         } else {
             format!("{rest}?{query}")
         };
-        return forward(addr, pq, req).await;
+        return forward(&name, addr, pq, req).await;
     }
     let ns = rp.namespace.clone().unwrap_or_default();
     let pod = get(st, "pods", Some(&ns), &name).await?;
@@ -163,7 +163,7 @@ pub async fn handle(
     } else {
         format!("{path}?{}", rest.join("&"))
     };
-    forward(addr, pq, req).await
+    forward(&node_name, addr, pq, req).await
 }
 
 async fn get(st: &Arc<ApiState>, plural: &str, ns: Option<&str>, name: &str) -> ApiResult<Value> {
@@ -258,10 +258,15 @@ fn dial_error(addr: SocketAddr, e: impl std::fmt::Display) -> ApiError {
 
 /// Sends the request to the kubelet and relays its answer (or splices an upgrade).
 async fn forward(
+    node: &str,
     addr: SocketAddr,
     path_and_query: String,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> ApiResult<Response<Body>> {
+    // The kubelet of this very process: in memory, no TLS.
+    if let Some(dial) = crate::httputil::local_kubelet(node) {
+        return forward_over(dial(), addr, path_and_query, req).await;
+    }
     let tls = KUBELET_TLS
         .get()
         .cloned()
@@ -278,6 +283,19 @@ async fn forward(
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await
         .map_err(|e| dial_error(addr, e))?;
+    forward_over(stream, addr, path_and_query, req).await
+}
+
+/// The request and its answer over a connection to the kubelet.
+async fn forward_over<IO>(
+    stream: IO,
+    addr: SocketAddr,
+    path_and_query: String,
+    mut req: Request<Incoming>,
+) -> ApiResult<Response<Body>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| dial_error(addr, e))?;
@@ -317,8 +335,8 @@ async fn forward(
                 return;
             };
             let (mut c, mut k) = (TokioIo::new(c), TokioIo::new(k));
-            let _ =
-                tokio::io::copy_bidirectional_with_sizes(&mut c, &mut k, 64 << 10, 64 << 10).await;
+            let _ = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut k, 256 << 10, 256 << 10)
+                .await;
         });
         let mut r = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
         for (k, v) in resp.headers() {

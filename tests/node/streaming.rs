@@ -39,7 +39,9 @@ spec:
 
 #[test]
 fn exec_returns_output_stderr_and_exit_codes_over_websocket_and_spdy() {
-    let n = Node::start();
+    // Through the API server's HTTPS client to :10250, as for any other node (the other tests
+    // take the in-memory path to the embedded kubelet).
+    let n = Node::start_with(&["--kubelet-over-network"]);
     sleeper(&n, "ex", "");
     for websockets in ["true", "false"] {
         let out = n

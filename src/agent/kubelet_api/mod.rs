@@ -47,8 +47,46 @@ pub async fn spawn(agent: Arc<Agent>) -> Result<()> {
         .await
         .with_context(|| format!("binding the kubelet API on port {KUBELET_PORT}"))?;
     tracing::info!(port = KUBELET_PORT, "kubelet API listening");
+    // The API server of this process reaches this kubelet in memory.
+    let local = agent.clone();
+    if !agent.cfg.kubelet_over_network {
+        crate::httputil::register_local_kubelet(
+            &agent.cfg.node_name,
+            Arc::new(move || {
+                let (ours, theirs) = tokio::io::duplex(256 << 10);
+                let user = User {
+                    name: "kube-apiserver-kubelet-client".into(),
+                    groups: vec!["system:masters".into()],
+                };
+                tokio::spawn(serve_conn(local.clone(), Some(user), ours, None));
+                theirs
+            }),
+        );
+    }
     tokio::spawn(serve(agent, listener, tls));
     Ok(())
+}
+
+/// Serves one connection (TLS from the network, or in memory from this process's API server).
+async fn serve_conn<IO>(
+    agent: Arc<Agent>,
+    user: Option<User>,
+    io: IO,
+    peer: Option<std::net::SocketAddr>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let agent = agent.clone();
+        let user = user.clone();
+        async move { Ok::<_, Infallible>(handle(agent, user, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(?peer, error = %e, "kubelet API connection ended");
+    }
 }
 
 fn tls_config(dir: &std::path::Path) -> Result<Arc<rustls::ServerConfig>> {
@@ -121,17 +159,7 @@ async fn serve(
                 .and_then(|c| c.first())
                 .and_then(|c| crate::httputil::cert_identity(c.as_ref()))
                 .map(|(name, groups)| User { name, groups });
-            let svc = service_fn(move |req| {
-                let agent = agent.clone();
-                let user = user.clone();
-                async move { Ok::<_, Infallible>(handle(agent, user, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "kubelet API connection ended");
-            }
+            serve_conn(agent, user, tls, Some(peer)).await;
         });
     }
 }

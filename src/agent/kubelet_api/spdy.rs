@@ -57,7 +57,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 
 /// Largest data frame this side sends (the brief's, and kubectl's own io.Copy buffer).
-pub const MAX_DATA: usize = 32 * 1024;
+pub const MAX_DATA: usize = 128 * 1024;
 /// Data frames queued for the connection, all streams together.
 pub const WRITE_QUEUE: usize = 64;
 /// Chunks (of at most [`READ_CHUNK`] bytes) queued for one stream's reader.
@@ -1140,7 +1140,10 @@ mod tests {
             loop {
                 match self.next().await {
                     Some(Frame::Data { id: i, flags, data }) if i == id => {
-                        assert!(data.len() <= MAX_DATA, "data frames of at most 32 KiB");
+                        assert!(
+                            data.len() <= MAX_DATA,
+                            "data frames of at most MAX_DATA bytes"
+                        );
                         got.extend_from_slice(&data);
                         if flags & FLAG_FIN != 0 {
                             return got;

@@ -802,7 +802,7 @@ fn ws_bytes(ws: WebSocketStream<Upgraded>) -> tokio::io::DuplexStream {
         let _ = w.shutdown().await;
     });
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 256 * 1024];
         loop {
             match r.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -910,13 +910,16 @@ async fn forward_one(
             return;
         }
     };
-    let (mut tr, mut tw) = tcp.into_split();
+    let (tr, mut tw) = tcp.into_split();
+    // Large reads: fewer, fuller SPDY frames (tokio::io::copy reads 8 KiB at a time).
+    let mut tr = tokio::io::BufReader::with_capacity(128 << 10, tr);
+    let mut r = tokio::io::BufReader::with_capacity(128 << 10, &mut r);
     let up = async {
-        let _ = tokio::io::copy(&mut r, &mut tw).await;
+        let _ = tokio::io::copy_buf(&mut r, &mut tw).await;
         let _ = tw.shutdown().await;
     };
     let down = async {
-        let _ = tokio::io::copy(&mut tr, &mut w).await;
+        let _ = tokio::io::copy_buf(&mut tr, &mut w).await;
         let _ = w.shutdown().await;
     };
     tokio::join!(up, down);

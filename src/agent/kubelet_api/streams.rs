@@ -786,46 +786,80 @@ pub async fn port_forward(
     resp
 }
 
-/// A WebSocket whose binary messages carry a byte stream, as a byte stream.
-fn ws_bytes(ws: WebSocketStream<Upgraded>) -> tokio::io::DuplexStream {
-    let (ours, theirs) = tokio::io::duplex(1 << 20);
-    let (mut sink, mut source) = ws.split();
-    let (mut r, mut w) = tokio::io::split(ours);
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = source.next().await {
-            match m {
-                Message::Binary(d) if w.write_all(&d).await.is_err() => break,
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-        let _ = w.shutdown().await;
-    });
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 256 * 1024];
+/// A WebSocket whose binary messages carry a byte stream, as a byte stream: each write is one
+/// binary message, reads come from the messages in order; a close (or an error) is the end.
+struct WsIo {
+    ws: WebSocketStream<Upgraded>,
+    pending: Bytes,
+    ended: bool,
+}
+
+fn ws_bytes(ws: WebSocketStream<Upgraded>) -> WsIo {
+    WsIo {
+        ws,
+        pending: Bytes::new(),
+        ended: false,
+    }
+}
+
+fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, e)
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
         loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink
-                        .send(Message::Binary(Bytes::copy_from_slice(&buf[..n])))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
+            if !this.pending.is_empty() {
+                let n = this.pending.len().min(buf.remaining());
+                buf.put_slice(&this.pending.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match futures::ready!(this.ws.poll_next_unpin(cx)) {
+                Some(Ok(Message::Binary(d))) => this.pending = d,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => this.ended = true,
+                Some(Ok(_)) => {}
             }
         }
-        let _ = sink
-            .send(Message::Close(Some(CloseFrame {
-                code: CloseCode::Normal,
-                reason: "".into(),
-            })))
-            .await;
-        let _ = sink.close().await;
-    });
-    theirs
+    }
+}
+
+impl AsyncWrite for WsIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let ws = &mut self.ws;
+        futures::ready!(ws.poll_ready_unpin(cx)).map_err(ws_error)?;
+        ws.start_send_unpin(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(ws_error)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.ws.poll_flush_unpin(cx).map_err(ws_error)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // A normal close frame, then the connection ends.
+        self.ws.poll_close_unpin(cx).map_err(ws_error)
+    }
 }
 
 /// Serves the port-forward streams of one session: each `data` stream is connected to its

@@ -66,6 +66,24 @@ fn involved(pod: &Pod, field_path: Option<String>) -> Involved {
     }
 }
 
+/// An event's `fieldPath` for a container, in the list it belongs to (as upstream's).
+fn container_path(pod: &Pod, name: &str) -> Option<String> {
+    let spec = pod.spec.as_ref();
+    let list = if spec.is_some_and(|s| s.init_containers.iter().flatten().any(|c| c.name == name)) {
+        "initContainers"
+    } else if spec.is_some_and(|s| {
+        s.ephemeral_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name == name)
+    }) {
+        "ephemeralContainers"
+    } else {
+        "containers"
+    };
+    Some(format!("spec.{list}{{{name}}}"))
+}
+
 fn pod_key(pod: &Pod) -> String {
     format!(
         "{}_{}({})",
@@ -554,7 +572,7 @@ impl Worker {
         let msg = format!("Back-off pulling image {img:?}");
         if self.waiting.get(&c.name).map(|(r, _)| r.as_str()) != Some("ImagePullBackOff") {
             self.agent.events.record(
-                &involved(pod, Some(format!("spec.containers{{{}}}", c.name))),
+                &involved(pod, container_path(pod, &c.name)),
                 false,
                 "BackOff",
                 msg.clone(),
@@ -583,7 +601,7 @@ impl Worker {
                 );
                 if self.waiting.get(&c.name).map(|(r, _)| r.as_str()) != Some("CrashLoopBackOff") {
                     self.agent.events.record(
-                        &involved(pod, Some(format!("spec.containers{{{}}}", c.name))),
+                        &involved(pod, container_path(pod, &c.name)),
                         true,
                         "BackOff",
                         "Back-off restarting failed container".to_string()
@@ -615,7 +633,7 @@ impl Worker {
         c: &Container,
     ) -> Result<ImageRecord, (String, String)> {
         let image = c.image.clone().unwrap_or_default();
-        let inv = involved(pod, Some(format!("spec.containers{{{}}}", c.name)));
+        let inv = involved(pod, container_path(pod, &c.name));
         let reference = k3rs_runtime::images::normalize_reference(&image).map_err(|e| {
             (
                 "InvalidImageName".to_string(),
@@ -922,7 +940,7 @@ impl Worker {
 
     /// Pulls the image, builds the runtime config and starts one container attempt.
     async fn start_container(&mut self, pod: &Pod, c: &Container, attempt: u32, shim: &ShimClient) {
-        let inv = involved(pod, Some(format!("spec.containers{{{}}}", c.name)));
+        let inv = involved(pod, container_path(pod, &c.name));
         let image_key = c.image.clone().unwrap_or_default();
         let img = match self.resolve_image(pod, c).await {
             Ok(i) => {
@@ -1131,7 +1149,7 @@ impl Worker {
             let exec = exec_fn(shim.clone(), c.name.clone());
             let ip = self.pod_ip.map(IpAddr::V4);
             let events = self.agent.events.clone();
-            let inv = involved(pod, Some(format!("spec.containers{{{}}}", c.name)));
+            let inv = involved(pod, container_path(pod, &c.name));
             let skip_delay = initial_ready.is_some();
             tasks.push(tokio::spawn(async move {
                 let mut tracker = ProbeTracker::new(&probe, kind);
@@ -1211,7 +1229,7 @@ impl Worker {
         self.killing.lock().insert(s.id.clone());
         let what = if failed_live { "liveness" } else { "startup" };
         self.agent.events.record(
-            &involved(pod, Some(format!("spec.containers{{{}}}", c.name))),
+            &involved(pod, container_path(pod, &c.name)),
             false,
             "Killing",
             format!(
@@ -1451,7 +1469,7 @@ impl Worker {
                     .chain(spec.init_containers.iter().flatten())
                     .find(|c| c.name == s.name)
                     .cloned();
-                let inv = involved(pod, Some(format!("spec.containers{{{}}}", s.name)));
+                let inv = involved(pod, container_path(pod, &s.name));
                 self.agent.events.record(
                     &inv,
                     false,

@@ -60,6 +60,15 @@ spec:
         "0"
     );
     assert_eq!(n.pod_field("dbg", "{.status.phase}"), "Running");
+    // Its events name it where it is in the spec.
+    let paths = n.ok(&[
+        "get",
+        "events",
+        "-o",
+        "jsonpath={.items[*].involvedObject.fieldPath}",
+    ]);
+    assert!(paths.contains("spec.ephemeralContainers{peek}"), "{paths}");
+    assert!(paths.contains("spec.containers{app}"), "{paths}");
     assert_eq!(
         n.pod_field("dbg", "{.status.containerStatuses[0].ready}"),
         "true"

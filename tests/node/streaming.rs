@@ -284,6 +284,11 @@ fn exec_with_a_terminal_runs_an_interactive_shell_and_follows_resizes() {
         // The terminal is a real one in the container, sized like ours.
         pty.type_line("[ -t 0 ] && stty size");
         pty.wait_for("24 80", T);
+        // It is the container's own terminal (its devpts), and the shell's controlling one.
+        pty.type_line("echo tty=$(tty)");
+        pty.wait_for("tty=/dev/pts/", T);
+        pty.type_line("echo ctty=$(readlink /proc/self/fd/0) $(ls /dev/pts | grep -c .)");
+        pty.wait_for("ctty=/dev/pts/", T);
         pty.resize(33, 111);
         std::thread::sleep(Duration::from_millis(500));
         pty.type_line("stty size");

@@ -604,8 +604,13 @@ fn run(dir: &Path) -> Result<(), String> {
 /// libcontainer's executor, after giving the process the signal state a program expects:
 /// SIGPIPE at its default action (this binary, like every Rust program, ignores it, and an
 /// ignored signal stays ignored across exec: `yes | head` would never end) and nothing blocked.
-#[derive(Clone)]
-struct PodExecutor;
+///
+/// With `pty` (a socket inherited from the shim), the process also gets its terminal here,
+/// inside the container: see [`open_container_pty`].
+#[derive(Clone, Default)]
+struct PodExecutor {
+    pty: Option<RawFd>,
+}
 
 impl Executor for PodExecutor {
     fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
@@ -616,12 +621,74 @@ impl Executor for PodExecutor {
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         }
+        if let Some(sock) = self.pty {
+            open_container_pty(sock)
+                .map_err(|e| ExecutorError::Other(format!("allocating a terminal: {e}")))?;
+        }
         DefaultExecutor {}.exec(spec)
     }
 
     fn validate(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
         DefaultExecutor {}.validate(spec)
     }
+}
+
+/// Opens a terminal from the container's own `/dev/ptmx` (its devpts, so `tty` and
+/// `ttyname` find `/dev/pts/N`), makes it the controlling terminal of this process (a session
+/// leader: libcontainer called setsid) on stdin, stdout and stderr, and sends the master over
+/// `sock`. Runs in the container's process after every namespace, mount and credential change,
+/// just before exec (libcontainer's console socket would open it before the mount namespace
+/// is joined, on the host's devpts).
+fn open_container_pty(sock: RawFd) -> Result<(), String> {
+    let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: plain syscalls on descriptors this function opens; the process execs next.
+    unsafe {
+        let master = libc::open(
+            c"/dev/ptmx".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if master < 0 {
+            return Err(err("opening /dev/ptmx"));
+        }
+        let unlock: libc::c_int = 0;
+        if libc::ioctl(master, libc::TIOCSPTLCK as _, &unlock) < 0 {
+            return Err(err("unlocking the terminal"));
+        }
+        let slave = libc::ioctl(
+            master,
+            libc::TIOCGPTPEER as _,
+            libc::O_RDWR | libc::O_NOCTTY,
+        );
+        if slave < 0 {
+            return Err(err("opening the terminal's slave"));
+        }
+        if libc::ioctl(slave, libc::TIOCSCTTY as _, 0) < 0 {
+            return Err(err("making it the controlling terminal"));
+        }
+        for fd in 0..3 {
+            if libc::dup2(slave, fd) < 0 {
+                return Err(err("connecting stdio"));
+            }
+        }
+        if slave > 2 {
+            libc::close(slave);
+        }
+        super::stream::send_with_fds(sock, b"pty", &[master])
+            .map_err(|e| format!("sending the terminal: {e}"))?;
+        libc::close(master);
+        libc::close(sock);
+    }
+    Ok(())
+}
+
+/// Receives the terminal a container's process opened (see [`open_container_pty`]); `ours` is
+/// the shim's end of the pair, the other end already closed here so a process that dies first
+/// reads as EOF.
+fn receive_container_pty(ours: &std::os::unix::net::UnixStream) -> Result<OwnedFd, String> {
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    super::stream::recv_fd(ours.as_raw_fd())
+        .map_err(|e| format!("the container's terminal never arrived: {e}"))
 }
 
 /// Mounts a container's overlay rootfs. `volatile` (Linux 5.10+, tried first) spares the
@@ -664,47 +731,6 @@ fn join_pid_namespace(config: &mut Value, pid: i32) {
     {
         ns.retain(|n| n["type"] != "pid");
         ns.push(json!({"type": "pid", "path": path}));
-    }
-}
-
-/// Listens on a console socket whose path may exceed a socket address's 108 bytes: bound by
-/// its name from inside its directory (the shim is single-threaded; the directory is
-/// restored at once).
-fn bind_console(path: &Path) -> Result<UnixListener, String> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(format!(
-            "console socket {}: not a file path",
-            path.display()
-        ));
-    };
-    let cwd = std::env::current_dir().map_err(|e| e.to_string())?;
-    std::env::set_current_dir(dir).map_err(|e| format!("console socket: {e}"))?;
-    let l = UnixListener::bind(name);
-    let _ = std::env::set_current_dir(&cwd);
-    l.map_err(|e| format!("console socket: {e}"))
-}
-
-/// Takes the terminal master libcontainer sends on our console socket (bounded wait).
-fn receive_pty_master(l: &UnixListener) -> Result<OwnedFd, String> {
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match l.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-                conn.set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(|e| e.to_string())?;
-                return super::stream::recv_fd(conn.as_raw_fd())
-                    .map_err(|e| format!("receiving the container's terminal: {e}"));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err("the container's terminal never arrived".into());
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(format!("console socket: {e}")),
-        }
     }
 }
 
@@ -1017,24 +1043,26 @@ impl Shim {
         set_nonblocking(err_r.as_raw_fd());
         let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
         // stdin: a pipe we keep the writing end of (for attach), or a terminal whose master
-        // libcontainer sends to our console socket.
+        // the container's process sends back (see `open_container_pty`).
         let (stdin_r, mut stdin_w) = if cfg.stdin && !cfg.tty {
             let (r, w) = pipe().map_err(|e| e.to_string())?;
             (r, Some(w))
         } else {
             (OwnedFd::from(devnull), None)
         };
-        let console = cfg.tty.then(|| bundle.join("console.sock"));
-        let console_listener = match &console {
-            Some(p) => Some(bind_console(p)?),
-            None => None,
+        let pty = if cfg.tty {
+            Some(std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let executor = PodExecutor {
+            pty: pty.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
         };
         let started = (|| -> Result<Container, String> {
             let mut c = ContainerBuilder::new(id.clone(), SyscallType::default())
-                .with_executor(PodExecutor)
+                .with_executor(executor)
                 .with_root_path(&self.lc_root)
                 .map_err(|e| e.to_string())?
-                .with_console_socket(console.clone())
                 .with_stdin(stdin_r)
                 .with_stdout(out_w)
                 .with_stderr(err_w)
@@ -1046,16 +1074,14 @@ impl Shim {
             c.start().map_err(|e| e.to_string())?;
             Ok(c)
         })();
-        let started = started.and_then(|c| match &console_listener {
-            Some(l) => {
-                let master = receive_pty_master(l)?;
+        let started = started.and_then(|c| match pty {
+            Some((ours, theirs)) => {
+                drop(theirs);
+                let master = receive_container_pty(&ours)?;
                 Ok((c, Some(master)))
             }
             None => Ok((c, None)),
         });
-        if let Some(p) = &console {
-            let _ = std::fs::remove_file(p);
-        }
         match started {
             Ok((c, master)) => {
                 let pid = c.pid().map(|p| p.as_raw());
@@ -1453,18 +1479,19 @@ fn start_exec_stream(
     let exec_id = format!("exec-{}", &random_id()[..16]);
     let process = exec_process_file(bundle, &exec_id, &argv, tty);
     let mut ours: NamedFds = Vec::new();
+    let pty = if tty {
+        Some(std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
     let base = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_executor(PodExecutor)
+        .with_executor(PodExecutor {
+            pty: pty.as_ref().map(|(_, theirs)| theirs.as_raw_fd()),
+        })
         .with_root_path(lc_root)
         .map_err(|e| e.to_string())?;
-    let (base, listener, console) = if tty {
-        let console = bundle.join(format!("{exec_id}.tty"));
-        let l = bind_console(&console)?;
-        (
-            base.with_console_socket(Some(console.clone())),
-            Some(l),
-            Some(console),
-        )
+    let base = if tty {
+        base
     } else {
         let devnull = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
         let stdin_fd = if stdin {
@@ -1478,13 +1505,9 @@ fn start_exec_stream(
         let (err_r, err_w) = pipe().map_err(|e| e.to_string())?;
         ours.push(("stdout", out_r));
         ours.push(("stderr", err_r));
-        (
-            base.with_stdin(stdin_fd)
-                .with_stdout(out_w)
-                .with_stderr(err_w),
-            None,
-            None,
-        )
+        base.with_stdin(stdin_fd)
+            .with_stdout(out_w)
+            .with_stderr(err_w)
     };
     let built = base
         .as_tenant()
@@ -1495,21 +1518,12 @@ fn start_exec_stream(
     if let Some(p) = &process {
         let _ = std::fs::remove_file(p);
     }
-    let result =
-        built
-            .map_err(|e| format!("exec {exec_id}: {e}"))
-            .and_then(|pid| match &listener {
-                Some(l) => {
-                    let m = receive_pty_master(l)?;
-                    ours.push(("pty", m));
-                    Ok(pid.as_raw())
-                }
-                None => Ok(pid.as_raw()),
-            });
-    if let Some(c) = &console {
-        let _ = std::fs::remove_file(c);
+    let pid = built.map_err(|e| format!("exec {exec_id}: {e}"))?.as_raw();
+    if let Some((pair_ours, theirs)) = pty {
+        drop(theirs);
+        ours.push(("pty", receive_container_pty(&pair_ours)?));
     }
-    Ok((result?, ours))
+    Ok((pid, ours))
 }
 
 fn log_line(s: &str) {
@@ -1545,7 +1559,7 @@ fn exec_in(
     let exec_id = format!("exec-{}", &random_id()[..16]);
     let process = exec_process_file(bundle, &exec_id, &argv, false);
     let built = ContainerBuilder::new(id.to_string(), SyscallType::default())
-        .with_executor(PodExecutor)
+        .with_executor(PodExecutor::default())
         .with_root_path(lc_root)
         .map_err(|e| e.to_string())?
         .with_stdin(OwnedFd::from(devnull))

@@ -366,7 +366,7 @@ impl AsyncWrite for FdIo {
     }
 }
 
-/// Receives one descriptor (libcontainer's pty master on its console socket).
+/// Receives one descriptor (a terminal's master from a container's process).
 pub(crate) fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
     let mut buf = [0u8; 256];
     let mut space = nix::cmsg_space!([RawFd; 1]);
@@ -381,7 +381,5 @@ pub(crate) fn recv_fd(sock: RawFd) -> std::io::Result<OwnedFd> {
             }
         }
     }
-    Err(std::io::Error::other(
-        "no terminal was passed on the console socket",
-    ))
+    Err(std::io::Error::other("no terminal was passed"))
 }

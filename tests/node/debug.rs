@@ -170,3 +170,37 @@ spec:
     let count = n.pod_field("dbg", "{.spec.ephemeralContainers[*].name}");
     assert_eq!(count, "peek shell");
 }
+
+#[test]
+fn kubectl_debug_node_runs_a_pod_in_the_hosts_namespaces() {
+    let n = Node::start();
+    let out = n.kubectl(&[
+        "debug",
+        "node/node1",
+        "--image=busybox",
+        "--image-pull-policy=IfNotPresent",
+        "--",
+        "sh",
+        "-c",
+        "test -d /host/proc/1 && echo host-root; [ $(ls /proc | grep -c '^[0-9]') -gt 20 ] && echo host-pid",
+    ]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    // "Creating debugging pod node-debugger-node1-xxxxx with container debugger on node node1."
+    let pod = all
+        .split_whitespace()
+        .find(|w| w.starts_with("node-debugger-node1-"))
+        .unwrap_or_else(|| panic!("no pod name in: {all}"))
+        .to_string();
+    n.wait_for("the node debugger to finish", T, || {
+        n.pod_field(&pod, "{.status.phase}") == "Succeeded"
+    });
+    let logs = n.ok(&["logs", &pod]);
+    assert_eq!(logs, "host-root\nhost-pid\n");
+    assert_eq!(n.pod_field(&pod, "{.spec.hostPID}"), "true");
+    assert_eq!(n.pod_field(&pod, "{.spec.hostNetwork}"), "true");
+}

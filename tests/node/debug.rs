@@ -166,6 +166,32 @@ spec:
         err.contains("cannot be set for an Ephemeral Container"),
         "{err}"
     );
+    // A copy of the pod with a debugging container beside the app, sharing its processes.
+    n.ok(&[
+        "debug",
+        "dbg",
+        "--copy-to=dbg-copy",
+        "--image=busybox",
+        "--image-pull-policy=IfNotPresent",
+        "--share-processes",
+        "-c",
+        "extra",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; ps -o args; exec sleep 999",
+    ]);
+    n.wait_phase("dbg-copy", "Running", T);
+    n.wait_for("the copy's debug container to list processes", T, || {
+        n.kubectl(&["logs", "dbg-copy", "-c", "extra"])
+            .stdout
+            .windows(10)
+            .any(|w| w == b"sleep 3600")
+    });
+    assert_eq!(
+        n.pod_field("dbg-copy", "{.spec.containers[*].name}"),
+        "app extra"
+    );
     // A pod update cannot slip ephemeral containers in or out.
     let count = n.pod_field("dbg", "{.spec.ephemeralContainers[*].name}");
     assert_eq!(count, "peek shell");

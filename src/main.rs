@@ -127,6 +127,14 @@ fn main() {
             }
         }
     }
+    // Streams (logs, exec, port-forward) move data in buffers of 64–256 KiB: keep those in the
+    // heap instead of a fresh mmap each (glibc's default threshold is 128 KiB), so that the
+    // pages are reused rather than faulted in and zeroed for every chunk.
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
     // One crypto provider for every rustls user in the process (API client, registry pulls).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let matches = Cli::command().get_matches();

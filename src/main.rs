@@ -133,7 +133,7 @@ fn main() {
     // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 20);
     }
     // One crypto provider for every rustls user in the process (API client, registry pulls).
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -209,6 +209,10 @@ impl AgentConfig {
     pub fn content_dir(&self) -> PathBuf {
         self.agent_dir().join("content")
     }
+    /// A pod's log directory (`<pod-log-dir>/<namespace>_<name>_<uid>`, as upstream's).
+    pub fn pod_logs(&self, namespace: &str, name: &str, uid: &str) -> PathBuf {
+        self.pod_log_dir.join(format!("{namespace}_{name}_{uid}"))
+    }
     pub fn pods_dir(&self) -> PathBuf {
         self.agent_dir().join("pods")
     }

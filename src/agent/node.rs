@@ -24,7 +24,8 @@ pub struct Machine {
     pub pids_running: u64,
 }
 
-fn meminfo_field(text: &str, key: &str) -> Option<u64> {
+/// A `/proc/meminfo` field in bytes.
+pub(crate) fn meminfo_field(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -32,51 +33,79 @@ fn meminfo_field(text: &str, key: &str) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-fn statvfs(path: &Path) -> (u64, u64) {
+/// A filesystem's bytes and inodes (statvfs); `used` is what the filesystem has in use,
+/// callers measuring a directory replace it. Zeros when it cannot be read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fs {
+    pub capacity: u64,
+    pub available: u64,
+    pub used: u64,
+    pub inodes: u64,
+    pub inodes_free: u64,
+    pub inodes_used: u64,
+}
+
+pub fn statvfs(path: &Path) -> Fs {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return (0, 0);
+        return Fs::default();
     };
     // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
     unsafe {
         let mut st: libc::statvfs = std::mem::zeroed();
         if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            return (0, 0);
+            return Fs::default();
         }
-        let frsize = st.f_frsize as u64;
-        (st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize)
+        let fr = st.f_frsize as u64;
+        let (cap, free) = (st.f_blocks as u64 * fr, st.f_bfree as u64 * fr);
+        Fs {
+            capacity: cap,
+            available: st.f_bavail as u64 * fr,
+            used: cap.saturating_sub(free),
+            inodes: st.f_files as u64,
+            inodes_free: st.f_ffree as u64,
+            inodes_used: (st.f_files as u64).saturating_sub(st.f_ffree as u64),
+        }
     }
+}
+
+/// The kernel's `pid_max`.
+pub fn pid_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Processes on the machine (the numeric entries of `/proc`).
+pub fn process_count() -> u64 {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .count() as u64
+        })
+        .unwrap_or(0)
 }
 
 impl Machine {
     pub fn read(data_dir: &Path) -> Machine {
         let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let (disk, disk_avail) = statvfs(data_dir);
-        let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(32768);
-        let pids_running = std::fs::read_dir("/proc")
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .bytes()
-                            .all(|b| b.is_ascii_digit())
-                    })
-                    .count() as u64
-            })
-            .unwrap_or(0);
+        let disk = statvfs(data_dir);
         Machine {
             cpus: std::thread::available_parallelism()
                 .map(|n| n.get() as u64)
                 .unwrap_or(1),
             memory_bytes: meminfo_field(&mem, "MemTotal").unwrap_or(0),
             memory_available_bytes: meminfo_field(&mem, "MemAvailable").unwrap_or(0),
-            disk_bytes: disk,
-            disk_available_bytes: disk_avail,
-            pid_max,
-            pids_running,
+            disk_bytes: disk.capacity,
+            disk_available_bytes: disk.available,
+            pid_max: pid_max(),
+            pids_running: process_count(),
         }
     }
 }

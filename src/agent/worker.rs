@@ -189,12 +189,11 @@ impl Worker {
     }
 
     fn log_dir(&self, pod: &Pod) -> PathBuf {
-        self.agent.cfg.pod_log_dir.join(format!(
-            "{}_{}_{}",
-            pod.metadata.namespace.clone().unwrap_or_default(),
-            pod.metadata.name.clone().unwrap_or_default(),
-            self.uid
-        ))
+        self.agent.cfg.pod_logs(
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            &self.uid,
+        )
     }
 
     /// The worker's life: sync until the pod is deleted, then terminate and clean up.
@@ -1024,10 +1023,10 @@ impl Worker {
         cfg.log_max_size = self.agent.cfg.thresholds.container_log_max_size;
         cfg.log_max_files = self.agent.cfg.thresholds.container_log_max_files;
         // An ephemeral container with a target shares that container's process namespace.
-        cfg.pid_ns_of = spec_of(pod)
-            .ephemeral_containers
+        cfg.pid_ns_of = pod
+            .spec
             .iter()
-            .flatten()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten())
             .find(|e| e.name == c.name)
             .and_then(|e| e.target_container_name.clone())
             .filter(|t| !t.is_empty());

@@ -193,6 +193,27 @@ fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or_default()
 }
 
+/// A container's name at field `f`: present, a DNS label, not already in `names` (added).
+fn container_name(
+    c: &Value,
+    f: &str,
+    names: &mut std::collections::BTreeSet<String>,
+    out: &mut Vec<Cause>,
+) {
+    let name = str_at(c, "/name");
+    if name.is_empty() {
+        out.push(Cause::required(format!("{f}.name"), ""));
+    } else if !is_dns1123_label(name) {
+        out.push(Cause::invalid(
+            format!("{f}.name"),
+            &json!(name),
+            DNS1123_LABEL_ERR,
+        ));
+    } else if !names.insert(name.to_string()) {
+        out.push(Cause::duplicate(format!("{f}.name"), &json!(name)));
+    }
+}
+
 /// Validates a container list (`spec.containers`, `spec.initContainers`).
 fn validate_containers(list: &Value, field: &str, required: bool, out: &mut Vec<Cause>) {
     let Some(arr) = list.as_array() else {
@@ -207,18 +228,7 @@ fn validate_containers(list: &Value, field: &str, required: bool, out: &mut Vec<
     let mut names = std::collections::BTreeSet::new();
     for (i, c) in arr.iter().enumerate() {
         let f = format!("{field}[{i}]");
-        let name = str_at(c, "/name");
-        if name.is_empty() {
-            out.push(Cause::required(format!("{f}.name"), ""));
-        } else if !is_dns1123_label(name) {
-            out.push(Cause::invalid(
-                format!("{f}.name"),
-                &json!(name),
-                DNS1123_LABEL_ERR,
-            ));
-        } else if !names.insert(name.to_string()) {
-            out.push(Cause::duplicate(format!("{f}.name"), &json!(name)));
-        }
+        container_name(c, &f, &mut names, out);
         if str_at(c, "/image").is_empty() {
             out.push(Cause::required(format!("{f}.image"), ""));
         }
@@ -471,18 +481,7 @@ fn validate_ephemeral_update(old: &Value, new: &Value, out: &mut Vec<Cause>) {
     let mut names: std::collections::BTreeSet<String> = regular.iter().cloned().collect();
     for (i, c) in after.iter().enumerate() {
         let f = format!("{field}[{i}]");
-        let name = str_at(c, "/name");
-        if name.is_empty() {
-            out.push(Cause::required(format!("{f}.name"), ""));
-        } else if !is_dns1123_label(name) {
-            out.push(Cause::invalid(
-                format!("{f}.name"),
-                &json!(name),
-                DNS1123_LABEL_ERR,
-            ));
-        } else if !names.insert(name.to_string()) {
-            out.push(Cause::duplicate(format!("{f}.name"), &json!(name)));
-        }
+        container_name(c, &f, &mut names, out);
         if before.iter().any(|b| b == c) {
             continue;
         }

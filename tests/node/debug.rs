@@ -10,6 +10,21 @@ use crate::node::Node;
 
 const T: Duration = Duration::from_secs(60);
 
+/// PUTs `pod` to `dbg`'s ephemeralcontainers subresource, expects a refusal, returns its text.
+fn replace_ephemeral_refused(n: &Node, pod: &serde_json::Value) -> String {
+    let file = n.run_dir().join("ephemeral.json");
+    std::fs::write(&file, pod.to_string()).unwrap();
+    let out = n.kubectl(&[
+        "replace",
+        "--raw",
+        "/api/v1/namespaces/default/pods/dbg/ephemeralcontainers",
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 #[test]
 fn kubectl_debug_runs_an_ephemeral_container_beside_the_target() {
     let n = Node::start();
@@ -127,17 +142,7 @@ spec:
     let pod: serde_json::Value = serde_json::from_str(&names).unwrap();
     let mut removed = pod.clone();
     removed["spec"]["ephemeralContainers"] = serde_json::json!([]);
-    let file = n.run_dir().join("removed.json");
-    std::fs::write(&file, removed.to_string()).unwrap();
-    let out = n.kubectl(&[
-        "replace",
-        "--raw",
-        "/api/v1/namespaces/default/pods/dbg/ephemeralcontainers",
-        "-f",
-        file.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = replace_ephemeral_refused(&n, &removed);
     assert!(
         err.contains("existing ephemeral containers \\\"peek\\\" may not be removed")
             || err.contains("existing ephemeral containers \"peek\" may not be removed"),
@@ -151,16 +156,7 @@ spec:
             "name": "stray", "image": "busybox", "targetContainerName": "nope",
             "ports": [{"containerPort": 80}],
         }));
-    std::fs::write(&file, bad.to_string()).unwrap();
-    let out = n.kubectl(&[
-        "replace",
-        "--raw",
-        "/api/v1/namespaces/default/pods/dbg/ephemeralcontainers",
-        "-f",
-        file.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = replace_ephemeral_refused(&n, &bad);
     assert!(err.contains("targetContainerName: Not found"), "{err}");
     assert!(
         err.contains("cannot be set for an Ephemeral Container"),

@@ -3,11 +3,29 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const MAX_LINE: usize = 16 * 1024;
 pub const MAX_SIZE: u64 = 10 << 20;
 pub const MAX_FILES: usize = 5;
+
+/// The rotated files of the log at `path` (`<path>.<timestamp>`), oldest first.
+pub fn rotated_files(path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(base)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", base.to_string_lossy());
+    let mut old: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    old.sort();
+    old
+}
 
 pub struct LogWriter {
     path: PathBuf,
@@ -86,20 +104,9 @@ impl LogWriter {
         ));
         let _ = std::fs::rename(&self.path, &rotated);
         // Keep the newest max_files - 1 rotated files.
-        if let (Some(dir), Some(base)) = (self.path.parent(), self.path.file_name()) {
-            let prefix = format!("{}.", base.to_string_lossy());
-            let mut old: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map(|rd| {
-                    rd.flatten()
-                        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                        .map(|e| e.path())
-                        .collect()
-                })
-                .unwrap_or_default();
-            old.sort();
-            while old.len() > self.max_files - 1 {
-                let _ = std::fs::remove_file(old.remove(0));
-            }
+        let mut old = rotated_files(&self.path);
+        while old.len() > self.max_files - 1 {
+            let _ = std::fs::remove_file(old.remove(0));
         }
         self.file = std::fs::OpenOptions::new()
             .create(true)

@@ -7,6 +7,8 @@ mod server;
 pub mod spec;
 mod stream;
 
+pub use logs::rotated_files;
+pub use server::{bundle_dir, cgroup_v2};
 pub use stream::{AttachSession, ExecSession, FdIo};
 
 use std::collections::BTreeMap;

@@ -109,8 +109,15 @@ struct Shim {
     pause: Option<i32>,
 }
 
-fn cgroup_v2() -> bool {
+/// Whether the machine runs the unified (v2) cgroup hierarchy.
+pub fn cgroup_v2() -> bool {
     Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// A container attempt's bundle (config, rootfs mount, overlay `upper`/`work`) under the
+/// sandbox's state directory.
+pub fn bundle_dir(state_dir: &Path, name: &str, attempt: u32) -> PathBuf {
+    state_dir.join(format!("{name}-{attempt}"))
 }
 
 /// Every hierarchy's directory for a cgroup path.
@@ -971,10 +978,7 @@ impl Shim {
             }
         }
         let id = random_id();
-        let bundle = self
-            .cfg
-            .state_dir
-            .join(format!("{}-{}", cfg.name, cfg.attempt));
+        let bundle = bundle_dir(&self.cfg.state_dir, &cfg.name, cfg.attempt);
         let _ = std::fs::remove_dir_all(&bundle);
         let rootfs = bundle.join("rootfs");
         for d in ["upper", "work", "rootfs"] {

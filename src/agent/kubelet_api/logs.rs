@@ -23,7 +23,7 @@ use k3rs_runtime::shim::{ContainerState, ShimClient};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use tokio::sync::mpsc;
 
-use super::{channel_body, find_pod, query_pairs, status_resp};
+use super::{channel_body, find_pod, has_container, query_pairs, status_resp};
 use crate::agent::Agent;
 use crate::httputil::Body;
 
@@ -127,24 +127,10 @@ fn status_of<'a>(pod: &'a Pod, container: &str) -> Option<&'a ContainerStatus> {
         .find(|c| c.name == container)
 }
 
-fn in_spec(pod: &Pod, container: &str) -> bool {
-    pod.spec.as_ref().is_some_and(|s| {
-        s.containers.iter().any(|c| c.name == container)
-            || s.init_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == container)
-            || s.ephemeral_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == container)
-    })
-}
-
 /// Upstream's choice of container (kubelet's validateContainerLogStatus), with its messages.
 fn pick(pod: &Pod, container: &str, previous: bool) -> Result<Pick, String> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
-    if !in_spec(pod, container) {
+    if !has_container(pod, container) {
         return Err(format!(
             "container {container:?} in pod {name:?} is not available"
         ));
@@ -173,8 +159,7 @@ fn pick(pod: &Pod, container: &str, previous: bool) -> Result<Pick, String> {
         });
     }
     let state = cs.state.as_ref();
-    if let Some(r) = state.and_then(|s| s.running.as_ref()) {
-        let _ = r;
+    if state.is_some_and(|s| s.running.is_some()) {
         return Ok(id(&cs.container_id).map(Pick::Id).unwrap_or(Pick::Latest));
     }
     if let Some(t) = state.and_then(|s| s.terminated.as_ref()) {
@@ -246,11 +231,7 @@ pub async fn serve(
         Some(c) => (c.log_path.clone(), Some(c.id.clone())),
         None => {
             // The sandbox is gone (a finished pod): the files are still on disk.
-            let dir = agent
-                .cfg
-                .pod_log_dir
-                .join(format!("{ns}_{pod}_{uid}"))
-                .join(container);
+            let dir = agent.cfg.pod_logs(ns, pod, &uid).join(container);
             match attempt_file(&dir, opts.previous) {
                 Some(f) => (f, None),
                 None if opts.previous => {
@@ -271,26 +252,20 @@ pub async fn serve(
         found.is_some_and(|c| c.state != ContainerState::Exited),
     ));
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
-    if opts.follow && running.load(Ordering::Relaxed) {
+    if let (true, true, Some(shim)) = (opts.follow, running.load(Ordering::Relaxed), shim) {
         let running = running.clone();
         let tx = tx.clone();
-        let name = container.to_string();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 }
-                let alive = match ShimClient::connect(&shim_dir).await {
-                    Ok(s) => s.list().await.ok().is_some_and(|l| {
-                        l.iter().any(|c| {
-                            c.name == name
-                                && Some(&c.id) == id.as_ref()
-                                && c.state != ContainerState::Exited
-                        })
-                    }),
-                    Err(_) => false,
-                };
+                // A shim that no longer answers is a pod that is gone.
+                let alive = shim.list().await.ok().is_some_and(|l| {
+                    l.iter()
+                        .any(|c| Some(&c.id) == id.as_ref() && c.state != ContainerState::Exited)
+                });
                 if !alive {
                     running.store(false, Ordering::Relaxed);
                     return;
@@ -336,21 +311,9 @@ fn attempt_file(dir: &Path, previous: bool) -> Option<PathBuf> {
 
 /// The files of one attempt, oldest first: rotated ones, then the live one.
 fn log_files(path: &Path) -> Vec<PathBuf> {
-    let (Some(dir), Some(base)) = (path.parent(), path.file_name()) else {
-        return vec![path.to_path_buf()];
-    };
-    let prefix = format!("{}.", base.to_string_lossy());
-    let mut rotated: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default();
-    rotated.sort();
-    rotated.push(path.to_path_buf());
-    rotated
+    let mut files = k3rs_runtime::shim::rotated_files(path);
+    files.push(path.to_path_buf());
+    files
 }
 
 /// Where the last `n` lines start: (index into `files`, byte offset), scanning backwards.

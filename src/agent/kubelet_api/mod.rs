@@ -285,6 +285,18 @@ pub(crate) fn find_pod(agent: &Agent, ns: &str, name: &str) -> Option<Arc<Pod>> 
     })
 }
 
+/// Whether the pod's spec names this container (regular, init or ephemeral).
+pub(crate) fn has_container(pod: &Pod, name: &str) -> bool {
+    pod.spec.as_ref().is_some_and(|s| {
+        s.containers.iter().any(|c| c.name == name)
+            || s.init_containers.iter().flatten().any(|c| c.name == name)
+            || s.ephemeral_containers
+                .iter()
+                .flatten()
+                .any(|c| c.name == name)
+    })
+}
+
 /// A streamed body from a channel of chunks (an error ends it).
 pub(crate) fn channel_body(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
     use http_body_util::{BodyExt, StreamBody};

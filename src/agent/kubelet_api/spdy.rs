@@ -1118,6 +1118,18 @@ mod tests {
             .expect("a frame in time")
         }
 
+        /// Expects a RST_STREAM and returns its stream id and status code.
+        async fn rst_stream(&mut self) -> (u32, u32) {
+            match self.next().await {
+                Some(Frame::Control {
+                    ty: TYPE_RST_STREAM,
+                    mut payload,
+                    ..
+                }) => (payload.get_u32(), payload.get_u32()),
+                other => panic!("expected RST_STREAM, got {other:?}"),
+            }
+        }
+
         /// Expects a SYN_REPLY and returns its stream id and headers.
         async fn syn_reply(&mut self) -> (u32, Vec<(String, String)>) {
             match self.next().await {
@@ -1440,14 +1452,7 @@ mod tests {
         let (_r, mut w) = s.split();
         w.reset();
         assert_eq!(cr.syn_reply().await.0, 3);
-        match cr.next().await {
-            Some(Frame::Control {
-                ty: TYPE_RST_STREAM,
-                payload,
-                ..
-            }) => assert_eq!(&payload[..], &[0, 0, 0, 3, 0, 0, 0, 5]),
-            other => panic!("expected RST_STREAM, got {other:?}"),
-        }
+        assert_eq!(cr.rst_stream().await, (3, 5), "RST_STREAM CANCEL");
         assert!(w.write_all(b"x").await.is_err());
     }
 
@@ -1459,17 +1464,7 @@ mod tests {
         cw.syn_stream(3, 0, &[]).await;
         assert_eq!(accept(&mut incoming).await.id(), 5);
         for want in [2u32, 3] {
-            match cr.next().await {
-                Some(Frame::Control {
-                    ty: TYPE_RST_STREAM,
-                    mut payload,
-                    ..
-                }) => {
-                    assert_eq!(payload.get_u32(), want);
-                    assert_eq!(payload.get_u32(), RST_PROTOCOL_ERROR);
-                }
-                other => panic!("expected RST_STREAM, got {other:?}"),
-            }
+            assert_eq!(cr.rst_stream().await, (want, RST_PROTOCOL_ERROR));
         }
     }
 
@@ -1478,14 +1473,7 @@ mod tests {
         let (_session, mut incoming, mut cw, mut cr) = setup();
         cw.control(TYPE_GOAWAY, 0, &[0, 0, 0, 0, 0, 0, 0, 0]).await;
         cw.syn_stream(1, 0, &[]).await;
-        match cr.next().await {
-            Some(Frame::Control {
-                ty: TYPE_RST_STREAM,
-                payload,
-                ..
-            }) => assert_eq!(&payload[..], &[0, 0, 0, 1, 0, 0, 0, 3]),
-            other => panic!("expected RST_STREAM REFUSED_STREAM, got {other:?}"),
-        }
+        assert_eq!(cr.rst_stream().await, (1, 3), "RST_STREAM REFUSED_STREAM");
         assert!(incoming.try_recv().is_err());
     }
 
@@ -1494,14 +1482,7 @@ mod tests {
         let (_session, incoming, mut cw, mut cr) = setup();
         drop(incoming);
         cw.syn_stream(1, 0, &[]).await;
-        match cr.next().await {
-            Some(Frame::Control {
-                ty: TYPE_RST_STREAM,
-                payload,
-                ..
-            }) => assert_eq!(&payload[..], &[0, 0, 0, 1, 0, 0, 0, 3]),
-            other => panic!("expected RST_STREAM REFUSED_STREAM, got {other:?}"),
-        }
+        assert_eq!(cr.rst_stream().await, (1, 3), "RST_STREAM REFUSED_STREAM");
     }
 
     async fn expect_protocol_goaway_and_end(

@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{Response, StatusCode};
-use k3rs_runtime::shim::{ContainerState, ContainerStatus, ShimClient};
+use k3rs_runtime::shim::{bundle_dir, cgroup_v2, ContainerState, ContainerStatus, ShimClient};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
 use super::local_pods;
+use crate::agent::node::{self as machine, statvfs, Fs};
 use crate::agent::{container, Agent};
 use crate::httputil::{full, Body};
 
@@ -34,17 +35,6 @@ pub struct Usage {
     pub major_page_faults: u64,
     /// Bytes the memory limit leaves (only when there is a limit).
     pub available: Option<u64>,
-}
-
-/// Bytes and inodes of a filesystem, and what a directory uses of it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Fs {
-    pub capacity: u64,
-    pub available: u64,
-    pub used: u64,
-    pub inodes: u64,
-    pub inodes_free: u64,
-    pub inodes_used: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -102,8 +92,8 @@ pub async fn route(agent: &Arc<Agent>, s: &[&str]) -> Option<Response<Body>> {
             static SAMPLED: std::sync::atomic::AtomicBool =
                 std::sync::atomic::AtomicBool::new(false);
             if !SAMPLED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                // A first reading, so that this answer has CPU rates.
-                let _ = summary(&agent.cfg.node_name, &snapshot(agent).await);
+                // A first CPU reading, so that this answer has rates.
+                prime_rates(&places(agent).await);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let snap = snapshot(agent).await;
@@ -149,8 +139,43 @@ fn keyed(text: &str, key: &str) -> Option<u64> {
     })
 }
 
-fn cgroup_v2() -> bool {
-    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+/// The `memory.stat` keys of one cgroup version: inactive file, RSS, faults, major faults.
+struct MemoryKeys {
+    inactive_file: &'static str,
+    rss: &'static str,
+    page_faults: &'static str,
+    major_page_faults: &'static str,
+}
+
+const V2_KEYS: MemoryKeys = MemoryKeys {
+    inactive_file: "inactive_file",
+    rss: "anon",
+    page_faults: "pgfault",
+    major_page_faults: "pgmajfault",
+};
+
+const V1_KEYS: MemoryKeys = MemoryKeys {
+    inactive_file: "total_inactive_file",
+    rss: "total_rss",
+    page_faults: "total_pgfault",
+    major_page_faults: "total_pgmajfault",
+};
+
+impl Usage {
+    /// From a cgroup's CPU time, memory in use, `memory.stat` and limit (if any).
+    fn of(cpu_ns: u64, memory: u64, stat: &str, keys: &MemoryKeys, limit: Option<u64>) -> Usage {
+        let key = |k| keyed(stat, k).unwrap_or(0);
+        let working_set = memory.saturating_sub(key(keys.inactive_file));
+        Usage {
+            cpu_ns,
+            memory,
+            working_set,
+            rss: key(keys.rss),
+            page_faults: key(keys.page_faults),
+            major_page_faults: key(keys.major_page_faults),
+            available: limit.map(|l| l.saturating_sub(working_set)),
+        }
+    }
 }
 
 /// CPU and memory of a cgroup (path relative to the cgroup root); None when it is gone.
@@ -160,40 +185,28 @@ pub fn cgroup_usage(rel: &str) -> Option<Usage> {
     if cgroup_v2() {
         let d = root.join(rel);
         let cpu = read(d.join("cpu.stat"))?;
-        let stat = read(d.join("memory.stat")).unwrap_or_default();
-        let memory = num(d.join("memory.current")).unwrap_or(0);
-        let inactive = keyed(&stat, "inactive_file").unwrap_or(0);
         let limit = read(d.join("memory.max")).and_then(|s| s.trim().parse::<u64>().ok());
-        let working_set = memory.saturating_sub(inactive);
-        return Some(Usage {
-            cpu_ns: keyed(&cpu, "usage_usec").unwrap_or(0) * 1000,
-            memory,
-            working_set,
-            rss: keyed(&stat, "anon").unwrap_or(0),
-            page_faults: keyed(&stat, "pgfault").unwrap_or(0),
-            major_page_faults: keyed(&stat, "pgmajfault").unwrap_or(0),
-            available: limit.map(|l| l.saturating_sub(working_set)),
-        });
+        return Some(Usage::of(
+            keyed(&cpu, "usage_usec").unwrap_or(0) * 1000,
+            num(d.join("memory.current")).unwrap_or(0),
+            &read(d.join("memory.stat")).unwrap_or_default(),
+            &V2_KEYS,
+            limit,
+        ));
     }
     let cpu_ns = ["cpuacct", "cpu,cpuacct", "cpu"]
         .iter()
         .find_map(|h| num(root.join(h).join(rel).join("cpuacct.usage")))?;
     let m = root.join("memory").join(rel);
-    let stat = read(m.join("memory.stat")).unwrap_or_default();
-    let memory = num(m.join("memory.usage_in_bytes")).unwrap_or(0);
-    let inactive = keyed(&stat, "total_inactive_file").unwrap_or(0);
-    let working_set = memory.saturating_sub(inactive);
     // v1 reports "no limit" as a huge number.
     let limit = num(m.join("memory.limit_in_bytes")).filter(|l| *l < (1 << 62));
-    Some(Usage {
+    Some(Usage::of(
         cpu_ns,
-        memory,
-        working_set,
-        rss: keyed(&stat, "total_rss").unwrap_or(0),
-        page_faults: keyed(&stat, "total_pgfault").unwrap_or(0),
-        major_page_faults: keyed(&stat, "total_pgmajfault").unwrap_or(0),
-        available: limit.map(|l| l.saturating_sub(working_set)),
-    })
+        num(m.join("memory.usage_in_bytes")).unwrap_or(0),
+        &read(m.join("memory.stat")).unwrap_or_default(),
+        &V1_KEYS,
+        limit,
+    ))
 }
 
 fn cgroup_pids(rel: &str) -> u64 {
@@ -206,13 +219,8 @@ fn cgroup_pids(rel: &str) -> u64 {
     num(dir.join("pids.current")).unwrap_or(0)
 }
 
-fn meminfo(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
+fn mem_field(text: &str, key: &str) -> u64 {
+    machine::meminfo_field(text, key).unwrap_or(0)
 }
 
 /// The node as a whole, from /proc.
@@ -235,16 +243,16 @@ fn node_usage() -> Usage {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let mem = read("/proc/meminfo").unwrap_or_default();
     let vm = read("/proc/vmstat").unwrap_or_default();
-    let total = meminfo(&mem, "MemTotal");
-    let usage = total.saturating_sub(meminfo(&mem, "MemFree"));
+    let total = mem_field(&mem, "MemTotal");
+    let usage = total.saturating_sub(mem_field(&mem, "MemFree"));
     Usage {
         cpu_ns: ticks * (1_000_000_000 / hz),
         memory: usage,
-        working_set: usage.saturating_sub(meminfo(&mem, "Inactive(file)")),
-        rss: meminfo(&mem, "AnonPages"),
+        working_set: usage.saturating_sub(mem_field(&mem, "Inactive(file)")),
+        rss: mem_field(&mem, "AnonPages"),
         page_faults: keyed(&vm, "pgfault").unwrap_or(0),
         major_page_faults: keyed(&vm, "pgmajfault").unwrap_or(0),
-        available: Some(meminfo(&mem, "MemAvailable")),
+        available: Some(mem_field(&mem, "MemAvailable")),
     }
 }
 
@@ -271,33 +279,6 @@ pub fn net_dev(text: &str) -> Vec<Net> {
             })
         })
         .collect()
-}
-
-fn statvfs(path: &Path) -> Fs {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return Fs::default();
-    };
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            return Fs::default();
-        }
-        let fr = st.f_frsize as u64;
-        let (cap, free, avail) = (
-            st.f_blocks as u64 * fr,
-            st.f_bfree as u64 * fr,
-            st.f_bavail as u64 * fr,
-        );
-        Fs {
-            capacity: cap,
-            available: avail,
-            used: cap.saturating_sub(free),
-            inodes: st.f_files as u64,
-            inodes_free: st.f_ffree as u64,
-            inodes_used: (st.f_files as u64).saturating_sub(st.f_ffree as u64),
-        }
-    }
 }
 
 /// Bytes (allocated blocks) and inodes under a directory, not crossing into other filesystems.
@@ -373,7 +354,20 @@ fn boot_time() -> String {
 struct PodPlace {
     pod: Arc<Pod>,
     cgroup: String,
+    /// Every container the shim has (running or not).
     containers: Vec<ContainerStatus>,
+}
+
+impl PodPlace {
+    fn container_cgroup(&self, id: &str) -> String {
+        format!("{}/{id}", self.cgroup.trim_end_matches('/'))
+    }
+
+    fn running(&self) -> impl Iterator<Item = &ContainerStatus> {
+        self.containers
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+    }
 }
 
 async fn places(agent: &Agent) -> Vec<PodPlace> {
@@ -383,13 +377,7 @@ async fn places(agent: &Agent) -> Vec<PodPlace> {
         let Ok(shim) = ShimClient::connect(&agent.cfg.shims_dir().join(&uid)).await else {
             continue;
         };
-        let containers = shim
-            .list()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.state == ContainerState::Running)
-            .collect();
+        let containers = shim.list().await.unwrap_or_default();
         out.push(PodPlace {
             cgroup: container::pod_cgroup(&agent.cfg.cgroup_root, &pod),
             pod,
@@ -437,15 +425,11 @@ fn sample(agent: &Agent, places: &[PodPlace]) -> Snapshot {
             md.uid.clone().unwrap_or_default(),
         );
         let containers: Vec<ContainerSample> = p
-            .containers
-            .iter()
+            .running()
             .map(|c| {
-                let cg = format!("{}/{}", p.cgroup.trim_end_matches('/'), c.id);
-                let upper = cfg
-                    .containers_dir()
-                    .join(&uid)
-                    .join(format!("{}-{}", c.name, c.attempt))
-                    .join("upper");
+                let cg = p.container_cgroup(&c.id);
+                let upper =
+                    bundle_dir(&cfg.containers_dir().join(&uid), &c.name, c.attempt).join("upper");
                 let logs = c
                     .log_path
                     .parent()
@@ -463,8 +447,7 @@ fn sample(agent: &Agent, places: &[PodPlace]) -> Snapshot {
             })
             .collect();
         let net = p
-            .containers
-            .iter()
+            .running()
             .find_map(|c| c.pid)
             .and_then(|pid| read(format!("/proc/{pid}/net/dev")))
             .map(|t| net_dev(&t))
@@ -512,23 +495,12 @@ fn sample(agent: &Agent, places: &[PodPlace]) -> Snapshot {
         fs,
         image_fs,
         pods,
-        pid_max: num("/proc/sys/kernel/pid_max").unwrap_or(32768),
-        procs: std::fs::read_dir("/proc")
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .bytes()
-                            .all(|b| b.is_ascii_digit())
-                    })
-                    .count() as u64
-            })
-            .unwrap_or(0),
+        pid_max: machine::pid_max(),
+        procs: machine::process_count(),
         cpus: std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1),
-        memory_total: meminfo(&read("/proc/meminfo").unwrap_or_default(), "MemTotal"),
+        memory_total: mem_field(&read("/proc/meminfo").unwrap_or_default(), "MemTotal"),
     }
 }
 
@@ -541,6 +513,29 @@ async fn snapshot(agent: &Arc<Agent>) -> Snapshot {
 }
 
 // ---- CPU rates between reads ----
+
+/// Records a CPU reading of the node, the pods and their running containers under the keys
+/// `summary` uses, without a snapshot's filesystem and network walks.
+fn prime_rates(places: &[PodPlace]) {
+    rate("node", node_usage().cpu_ns);
+    for p in places {
+        if let Some(u) = cgroup_usage(&p.cgroup) {
+            rate(
+                &pod_key(&p.pod.metadata.uid.clone().unwrap_or_default()),
+                u.cpu_ns,
+            );
+        }
+        for c in p.running() {
+            if let Some(u) = cgroup_usage(&p.container_cgroup(&c.id)) {
+                rate(&c.id, u.cpu_ns);
+            }
+        }
+    }
+}
+
+fn pod_key(uid: &str) -> String {
+    format!("pod/{uid}")
+}
 
 /// Cumulative CPU readings by key, to turn the next reading into a rate.
 fn rate(key: &str, cpu_ns: u64) -> Option<u64> {
@@ -665,7 +660,7 @@ fn summary(node_name: &str, s: &Snapshot) -> Value {
                 "podRef": {"name": p.name, "namespace": p.namespace, "uid": p.uid},
                 "startTime": p.start,
                 "containers": containers,
-                "cpu": cpu_json(&format!("pod/{}", p.uid), &p.usage, t),
+                "cpu": cpu_json(&pod_key(&p.uid), &p.usage, t),
                 "memory": memory_json(&p.usage, t),
                 "network": net_json(&p.net, t),
                 "volume": volumes,
@@ -924,18 +919,13 @@ fn cadvisor_metrics(s: &Snapshot) -> String {
 async fn kubelet_metrics(agent: &Arc<Agent>) -> String {
     let places = places(agent).await;
     let mut states: HashMap<&str, u64> = HashMap::new();
-    for p in local_pods(agent) {
-        let uid = p.metadata.uid.clone().unwrap_or_default();
-        if let Ok(shim) = ShimClient::connect(&agent.cfg.shims_dir().join(&uid)).await {
-            for c in shim.list().await.unwrap_or_default() {
-                let k = match c.state {
-                    ContainerState::Running => "running",
-                    ContainerState::Exited => "exited",
-                    ContainerState::Created => "created",
-                };
-                *states.entry(k).or_default() += 1;
-            }
-        }
+    for c in places.iter().flat_map(|p| &p.containers) {
+        let k = match c.state {
+            ContainerState::Running => "running",
+            ContainerState::Exited => "exited",
+            ContainerState::Created => "created",
+        };
+        *states.entry(k).or_default() += 1;
     }
     let mut o = String::new();
     family(

@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::spdy;
-use super::{find_pod, query_pairs, status_resp};
+use super::{find_pod, has_container, query_pairs, status_resp};
 
 use crate::agent::Agent;
 use crate::httputil::{full, Body};
@@ -416,18 +416,7 @@ async fn running_container(
     pod: &Pod,
     container: &str,
 ) -> Result<(), Response<Body>> {
-    let spec = pod.spec.as_ref();
-    let known = spec.is_some_and(|s| {
-        s.containers.iter().any(|c| c.name == container)
-            || s.init_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == container)
-            || s.ephemeral_containers
-                .iter()
-                .flatten()
-                .any(|c| c.name == container)
-    });
+    let known = has_container(pod, container);
     let running = shim.list().await.ok().is_some_and(|l| {
         l.iter()
             .any(|c| c.name == container && c.state == k3rs_runtime::shim::ContainerState::Running)
